@@ -1,0 +1,374 @@
+"""Public entry points of the BLASST kernels: validation, defaults, dispatch.
+
+Layouts follow SGLang's triton backend. A batch of ``B`` sequences is ragged:
+
+- ``qo_indptr`` ``(B + 1,)`` int32: new tokens of sequence ``b`` are rows ``qo_indptr[b]:qo_indptr[b+1]``
+  of ``q``/``k``/``v``;
+- ``kv_indptr`` ``(B + 1,)`` int32 and ``kv_indices`` ``(nnz,)`` int32/int64: the KV of sequence ``b``
+  (its cached prefix for extend, its whole context for decode) is the token slots
+  ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` of ``k_buffer``/``v_buffer`` ``(slots, Hkv, D)``. Pages of
+  ``page_size`` tokens are runs of consecutive slots, as SGLang's triton backend lays them out.
+
+``threshold_scale_factor`` (FlashInfer's name): ``λ = factor / kv_len`` per sequence; ``None`` or ``0``
+is dense; a float or one float per query head (a device tensor is used as is, so that CUDA graphs
+can capture the call). See :mod:`blasst_kernels.threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .threshold import ScaleFactor, validate_scale_factor
+
+__all__ = [
+    "KernelOptions",
+    "default_options",
+    "extend_attention",
+    "prefill_attention",
+    "decode_attention",
+    "default_num_kv_splits",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+#: (qk head dim, v head dim) pairs the kernels support. 192/128 and 576/512 are MLA's prefill (MHA
+#: form) and absorbed form: the last 64 dims of q/k are the rope part.
+SUPPORTED_HEAD_DIMS = ((64, 64), (128, 128), (256, 256), (192, 128), (576, 512))
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Tile sizes and launch knobs. ``block_m``/``block_n`` also define the skip granularity.
+
+    ``block_m`` is ignored by decode (its rows are the heads of a KV group).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.block_m % self.block_n:
+            raise ValueError(f"block_m ({self.block_m}) must be a multiple of block_n ({self.block_n})")
+
+
+def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions:
+    """Defaults by shape only (never by device), so CPU skip maps match the GPU kernels'."""
+    if phase == "decode":
+        return KernelOptions(16, 32 if head_dim > 256 else 64, num_warps=4, num_stages=2)
+    if head_dim > 256:
+        return KernelOptions(32, 32, num_warps=4, num_stages=1)
+    if head_dim > 128:
+        return KernelOptions(64, 64, num_warps=8, num_stages=2)
+    return KernelOptions(128, 64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_tensor(name: str, t: torch.Tensor, ndim: int, device: torch.device, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"Invalid shape of {name}: expected {ndim} dims, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of q)")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def _check_runnable(q: torch.Tensor) -> None:
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (q is on {q.device}); on CPU set TRITON_INTERPRET=1 "
+            "before importing triton, or use blasst_kernels.reference"
+        )
+    if q.dtype == torch.bfloat16 and _interpreting():
+        raise ValueError("bf16 tl.dot is wrong under TRITON_INTERPRET=1 (triton 3.6); use float16/float32 on CPU")
+
+
+def _head_dims(dk: int, dv: int) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_DPE, BLOCK_DV) for a supported (qk, v) head-dim pair."""
+    if (dk, dv) not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"unsupported head dims (qk={dk}, v={dv}); supported: {list(SUPPORTED_HEAD_DIMS)}")
+    dpe = dk - dv if dk != dv else 0
+    return dk - dpe, dpe, dv
+
+
+def _scale_tensor(factor: Union[ScaleFactor, torch.Tensor], num_heads: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The per-head float32 factor tensor on ``device``, or ``None`` when dense."""
+    if isinstance(factor, torch.Tensor) and factor.device == device and factor.dtype == torch.float32:
+        if factor.shape != (num_heads,):
+            raise ValueError(f"Invalid shape of threshold_scale_factor: expected ({num_heads},), got {tuple(factor.shape)}")
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            validate_scale_factor(factor, num_heads, "threshold_scale_factor")
+        return factor
+    values = validate_scale_factor(factor, num_heads, "threshold_scale_factor")
+    if values is None:
+        return None
+    return values.to(torch.float32).expand(num_heads).contiguous().to(device)
+
+
+def _check_indptr(name: str, t: torch.Tensor, batch: Optional[int], device) -> int:
+    _check_tensor(name, t, 1, device, (torch.int32, torch.int64))
+    if batch is not None and t.shape[0] != batch + 1:
+        raise ValueError(f"Invalid shape of {name}: expected ({batch + 1},), got {tuple(t.shape)}")
+    return t.shape[0] - 1
+
+
+def _stats_tensor(stats: Optional[torch.Tensor], num_heads: int, device) -> Optional[torch.Tensor]:
+    if stats is None:
+        return None
+    _check_tensor("stats", stats, 2, device, (torch.int32,))
+    if stats.shape != (num_heads, 2):
+        raise ValueError(f"Invalid shape of stats: expected ({num_heads}, 2) int32, got {tuple(stats.shape)}")
+    return stats
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buffer: Optional[torch.Tensor],
+    v_buffer: Optional[torch.Tensor],
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    sm_scale: Optional[float] = None,
+    causal: bool = True,
+    threshold_scale_factor: ScaleFactor = None,
+    max_extend_len: Optional[int] = None,
+    stats: Optional[torch.Tensor] = None,
+    return_skip_map: bool = False,
+    out: Optional[torch.Tensor] = None,
+    options: Optional[KernelOptions] = None,
+):
+    """BLASST prefill of new tokens over a cached, paged prefix (SGLang's *extend*).
+
+    Args:
+        q: ``(N, Hq, Dk)`` queries of all new tokens, ``N = qo_indptr[-1]``; fp16/bf16/fp32.
+        k, v: ``(N, Hkv, Dk)`` / ``(N, Hkv, Dv)`` keys and values of the new tokens.
+        k_buffer, v_buffer: ``(slots, Hkv, Dk)`` / ``(slots, Hkv, Dv)`` paged KV cache holding the
+            prefixes (``None`` when no sequence has one: then ``kv_indptr`` must be all zeros).
+        qo_indptr: ``(B + 1,)`` int32 offsets of each sequence's new tokens.
+        kv_indptr, kv_indices: the prefix of each sequence as token slots (see module doc).
+        sm_scale: softmax scale, default ``1/sqrt(Dk)``.
+        causal: new tokens attend causally to each other (always fully to their prefix).
+        threshold_scale_factor: see module doc; λ uses ``prefix + new`` tokens as the length.
+        max_extend_len: the largest ``qo_indptr[b+1] - qo_indptr[b]``; computed (a device sync) if None.
+        stats: optional ``(Hq, 2)`` int32 counters, incremented by (tiles visited, tiles skipped).
+        return_skip_map: also return an int8 ``(B, Hq, NQ, T)`` map of
+            :class:`~blasst_kernels.reference.TileState` (sync; for small problems).
+        out: optional ``(N, Hq, Dv)`` output buffer.
+        options: tile sizes; default :func:`default_options`.
+
+    Returns:
+        ``out (N, Hq, Dv)`` in ``q``'s dtype, or ``(out, skip_map)``.
+    """
+    from .triton_prefill import launch_extend
+
+    _check_tensor("q", q, 3, q.device, _SUPPORTED_DTYPES)
+    device = q.device
+    n_tokens, num_heads, dk = q.shape
+    _check_tensor("k", k, 3, device, (q.dtype,))
+    _check_tensor("v", v, 3, device, (q.dtype,))
+    kv_heads, dv = k.shape[1], v.shape[2]
+    if k.shape[0] != n_tokens or v.shape[0] != n_tokens or k.shape[2] != dk or v.shape[1] != kv_heads:
+        raise ValueError(
+            f"Invalid shape of k/v: expected ({n_tokens}, Hkv, {dk}) / ({n_tokens}, Hkv, Dv), "
+            f"got {tuple(k.shape)} / {tuple(v.shape)}"
+        )
+    if num_heads % kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
+    block_d, block_dpe, block_dv = _head_dims(dk, dv)
+    batch = _check_indptr("qo_indptr", qo_indptr, None, device)
+    _check_indptr("kv_indptr", kv_indptr, batch, device)
+    _check_tensor("kv_indices", kv_indices, 1, device, (torch.int32, torch.int64))
+    if k_buffer is None or v_buffer is None:
+        k_buffer, v_buffer = k, v  # never read: every prefix is empty
+    else:
+        _check_tensor("k_buffer", k_buffer, 3, device, (q.dtype,))
+        _check_tensor("v_buffer", v_buffer, 3, device, (q.dtype,))
+        if k_buffer.shape[1:] != (kv_heads, dk) or v_buffer.shape[1:] != (kv_heads, dv):
+            raise ValueError(
+                f"Invalid shape of k_buffer/v_buffer: expected (slots, {kv_heads}, {dk}) / (slots, {kv_heads}, {dv}), "
+                f"got {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)}"
+            )
+    _check_runnable(q)
+    scale = _scale_tensor(threshold_scale_factor, num_heads, device)
+    stats = _stats_tensor(stats, num_heads, device)
+    opts = options or default_options(dk, dv, "prefill")
+    if out is None:
+        out = torch.empty(n_tokens, num_heads, dv, dtype=q.dtype, device=device)
+    elif out.shape != (n_tokens, num_heads, dv) or out.dtype != q.dtype or out.device != device:
+        raise ValueError(f"Invalid out: expected ({n_tokens}, {num_heads}, {dv}) {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if max_extend_len is None:
+        max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if batch else 0
+    skip_map = None
+    if return_skip_map:
+        ext = (qo_indptr[1:] - qo_indptr[:-1]).cpu()
+        pre = (kv_indptr[1:] - kv_indptr[:-1]).cpu()
+        n_q = -(-int(ext.max()) // opts.block_m) if batch else 0
+        n_t = int(((pre + opts.block_n - 1) // opts.block_n + (ext + opts.block_n - 1) // opts.block_n).max()) if batch else 0
+        skip_map = torch.zeros(batch, num_heads, max(n_q, 1), max(n_t, 1), dtype=torch.int8, device=device)
+    if batch and max_extend_len > 0:
+        launch_extend(
+            q, k, v, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices,
+            scale if scale is not None else torch.zeros(1, device=device), stats, skip_map,
+            sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), causal=bool(causal),
+            skip=scale is not None, batch=batch, max_extend_len=int(max_extend_len),
+            block_m=opts.block_m, block_n=opts.block_n, block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
+            num_warps=opts.num_warps, num_stages=opts.num_stages,
+        )
+    return (out, skip_map) if return_skip_map else out
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_seqlen: Optional[int] = None,
+    **kwargs,
+):
+    """Ragged (varlen) BLASST prefill with no cached prefix.
+
+    Args:
+        q: ``(N, Hq, Dk)``; k, v: ``(N, Hkv, Dk)`` / ``(N, Hkv, Dv)``.
+        cu_seqlens: ``(B + 1,)`` int32 sequence offsets into the token dimension.
+        max_seqlen: the longest sequence (computed with a device sync if None).
+        **kwargs: as :func:`extend_attention` (``sm_scale``, ``causal``, ``threshold_scale_factor``,
+            ``stats``, ``return_skip_map``, ``out``, ``options``).
+    """
+    _check_indptr("cu_seqlens", cu_seqlens, None, q.device)
+    no_prefix = torch.zeros_like(cu_seqlens)
+    empty = torch.zeros(0, dtype=torch.int32, device=q.device)
+    return extend_attention(q, k, v, None, None, cu_seqlens, no_prefix, empty, max_extend_len=max_seqlen, **kwargs)
+
+
+def default_num_kv_splits(
+    kv_indptr: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 16, min_tiles_per_split: int = 4
+) -> torch.Tensor:
+    """KV splits per request, on device and without a sync (CUDA-graph safe).
+
+    Enough splits to give every SM a few programs, never more than ``max_kv_splits`` or than one
+    split per ``min_tiles_per_split`` tiles.
+    """
+    batch = kv_indptr.shape[0] - 1
+    if kv_indptr.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(kv_indptr.device).multi_processor_count
+    else:
+        sms = 132
+    wanted = max(1, min(max_kv_splits, -(-4 * sms // max(batch * kv_heads, 1))))
+    kv_lens = kv_indptr[1:] - kv_indptr[:-1]
+    by_len = (kv_lens + min_tiles_per_split * block_n - 1) // (min_tiles_per_split * block_n)
+    return by_len.clamp(min=1, max=wanted).to(torch.int32)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    sm_scale: Optional[float] = None,
+    threshold_scale_factor: ScaleFactor = None,
+    num_kv_splits: Optional[torch.Tensor] = None,
+    max_kv_splits: int = 16,
+    stats: Optional[torch.Tensor] = None,
+    return_skip_map: bool = False,
+    out: Optional[torch.Tensor] = None,
+    options: Optional[KernelOptions] = None,
+):
+    """BLASST split-KV decode: one new token per request over its paged KV.
+
+    Args:
+        q: ``(B, Hq, Dk)`` the new token of each request; fp16/bf16/fp32.
+        k_buffer, v_buffer: ``(slots, Hkv, Dk)`` / ``(slots, Hkv, Dv)`` paged KV cache (the new
+            token's K/V already written).
+        kv_indptr, kv_indices: each request's whole context as token slots (see module doc).
+        threshold_scale_factor: see module doc; λ uses each request's KV length.
+        num_kv_splits: ``(B,)`` int32 splits per request (values above ``max_kv_splits`` are
+            clamped to it); default
+            :func:`default_num_kv_splits`. A split's first tile is never skipped.
+        stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a KV group's counts
+            are added to each of its heads.
+        return_skip_map: also return an int8 ``(B, Hkv, ceil(max_kv_len / block_n))`` TileState map.
+        out: optional ``(B, Hq, Dv)`` output buffer.
+        options: tile sizes (``block_n``); default :func:`default_options`.
+
+    Returns:
+        ``out (B, Hq, Dv)`` in ``q``'s dtype, or ``(out, skip_map)``.
+    """
+    from .triton_decode import launch_decode
+
+    _check_tensor("q", q, 3, q.device, _SUPPORTED_DTYPES)
+    device = q.device
+    batch, num_heads, dk = q.shape
+    _check_tensor("k_buffer", k_buffer, 3, device, (q.dtype,))
+    _check_tensor("v_buffer", v_buffer, 3, device, (q.dtype,))
+    kv_heads, dv = k_buffer.shape[1], v_buffer.shape[2]
+    if k_buffer.shape[2] != dk or v_buffer.shape[1] != kv_heads:
+        raise ValueError(
+            f"Invalid shape of k_buffer/v_buffer: expected (slots, Hkv, {dk}) / (slots, Hkv, Dv), "
+            f"got {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)}"
+        )
+    if num_heads % kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
+    group = num_heads // kv_heads
+    if group > 64:
+        raise ValueError(f"at most 64 query heads per KV head are supported, got {group}")
+    block_d, block_dpe, block_dv = _head_dims(dk, dv)
+    _check_indptr("kv_indptr", kv_indptr, batch, device)
+    _check_tensor("kv_indices", kv_indices, 1, device, (torch.int32, torch.int64))
+    if max_kv_splits < 1:
+        raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
+    _check_runnable(q)
+    opts = options or default_options(dk, dv, "decode")
+    if num_kv_splits is None:
+        num_kv_splits = default_num_kv_splits(kv_indptr, kv_heads, opts.block_n, max_kv_splits)
+    else:
+        _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
+        if num_kv_splits.shape[0] != batch:
+            raise ValueError(f"Invalid shape of num_kv_splits: expected ({batch},), got {tuple(num_kv_splits.shape)}")
+    scale = _scale_tensor(threshold_scale_factor, num_heads, device)
+    stats = _stats_tensor(stats, num_heads, device)
+    if out is None:
+        out = torch.empty(batch, num_heads, dv, dtype=q.dtype, device=device)
+    elif out.shape != (batch, num_heads, dv) or out.dtype != q.dtype or out.device != device:
+        raise ValueError(f"Invalid out: expected ({batch}, {num_heads}, {dv}) {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    skip_map = None
+    if return_skip_map:
+        n_t = -(-int((kv_indptr[1:] - kv_indptr[:-1]).max()) // opts.block_n) if batch else 0
+        skip_map = torch.zeros(batch, kv_heads, max(n_t, 1), dtype=torch.int8, device=device)
+    if batch:
+        launch_decode(
+            q, k_buffer, v_buffer, out, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
+            scale if scale is not None else torch.zeros(1, device=device), stats, skip_map,
+            sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), skip=scale is not None,
+            block_h=max(16, _next_pow2(group)), block_n=opts.block_n,
+            block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
+            num_warps=opts.num_warps, num_stages=opts.num_stages,
+        )
+    return (out, skip_map) if return_skip_map else out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

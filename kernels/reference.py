@@ -1,0 +1,348 @@
+"""BLASST in plain PyTorch: the specification every fast path is tested against.
+
+The reference is blocked exactly like the kernels (block sizes are arguments) and computes in
+float64 by default. Its rule, for every (row set, key tile) the kernel would visit, in key order:
+
+1. ``S = Q Kᵀ · sm_scale`` over the tile's visible keys; ``m̃`` = each row's max over the tile.
+2. The tile is *skipped* when it is not the first visited tile, it does not overlap the causal
+   diagonal, and every valid row has ``m̃ − m < ln λ`` with ``m`` the running max before the tile.
+   A new-token tile ``[e0, e0 + block_n)`` overlaps the diagonal of the query block whose first
+   row is new token ``i0`` when ``e0 + block_n − 1 > i0`` (nominal extent, padding included);
+   prefix tiles and decode tiles never do.
+3. A skipped tile changes nothing: not the running max, the denominator or the output.
+
+Row sets are what one kernel program decides for together:
+
+- prefill/extend: ``block_m`` consecutive new tokens of one query head;
+- decode: all query heads that share a KV head, over one KV split.
+
+Key tiles for extend are the cached prefix cut into ``block_n`` tiles from position 0, followed
+by the new tokens cut into ``block_n`` tiles from the first new token (the kernels read the two
+from different buffers). Decode tiles are ``block_n`` aligned positions; a KV split is a whole
+number of tiles and each split starts its own online softmax (so its first tile is never skipped).
+
+Tile states use :class:`TileState`: ``UNVISITED`` (causally masked, or past the end), ``COMPUTED``,
+``SKIPPED``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "TileState",
+    "ReferenceResult",
+    "prefill_reference",
+    "decode_reference",
+    "decode_split_len",
+    "extend_tile_starts",
+]
+
+
+class TileState(IntEnum):
+    """What happened to one (row set, key tile): the values stored in skip maps (int8)."""
+
+    UNVISITED = 0
+    COMPUTED = 1
+    SKIPPED = 2
+
+
+@dataclass
+class ReferenceResult:
+    """Output of a reference call.
+
+    Attributes:
+        out: attention output, the layout of the call's ``q`` with ``v``'s head dim, in ``q``'s dtype.
+        lse: natural-log sum of exp of the scores per row, float32 (``-inf`` for rows with no keys).
+        tile_state: int8 skip map of :class:`TileState` values (layout documented per function).
+        margin: float32, same layout as ``tile_state``: ``max over valid rows of (m̃ − m − ln λ)``
+            where the skip rule was evaluated (skip iff ``margin < 0``), NaN elsewhere. Tests use it
+            to tell decisions that sit on the threshold from real disagreements.
+    """
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    tile_state: torch.Tensor
+    margin: torch.Tensor
+
+    @property
+    def sparsity(self) -> float:
+        """Skipped tiles over visited tiles (0.0 when nothing was visited)."""
+        visited = int((self.tile_state != TileState.UNVISITED).sum())
+        return int((self.tile_state == TileState.SKIPPED).sum()) / visited if visited else 0.0
+
+
+def _blocked_online_softmax(
+    q: torch.Tensor,
+    k_heads: torch.Tensor,
+    v_heads: torch.Tensor,
+    row_kv_head: torch.Tensor,
+    row_pos: torch.Tensor,
+    row_valid: torch.Tensor,
+    tile_index: torch.Tensor,
+    tile_full: torch.Tensor,
+    log_lam: torch.Tensor,
+    sm_scale: float,
+    skip_override: Optional[torch.Tensor],
+    with_output: bool = True,
+):
+    """The BLASST loop over key tiles, vectorised over row sets.
+
+    Args:
+        q: ``(R, M, Dk)`` rows of each row set.
+        k_heads, v_heads: ``(Hkv, L, Dk)`` / ``(Hkv, L, Dv)`` keys and values of one sequence.
+        row_kv_head: ``(R,)`` KV head each row set reads.
+        row_pos: ``(R, M)`` absolute position of each row (keys at positions > it are masked).
+        row_valid: ``(R, M)`` False for padding rows.
+        tile_index: ``(R, T, BN)`` key positions of each row set's tiles, ``-1`` for padding.
+        tile_full: ``(R, T)`` False for tiles that overlap the causal diagonal (never skipped).
+        log_lam: ``(*lead, R, M)`` ln λ per row (``-inf``: never skip); leading dims evaluate
+            several thresholds in one pass (only with ``with_output=False``).
+        skip_override: optional ``(R, T)`` bool: replay these decisions instead of the rule.
+
+    Returns:
+        ``acc (R, M, Dv), m (R, M), l (R, M)`` (``None`` without output), tile_state ``(*lead, R, T)``,
+        margin ``(*lead, R, T)``.
+    """
+    R, M, _ = q.shape
+    T = tile_index.shape[1]
+    lead = log_lam.shape[:-2]
+    dev, acc_dtype = q.device, q.dtype
+    m_i = torch.full(lead + (R, M), -math.inf, dtype=acc_dtype, device=dev)
+    l_i = torch.zeros(R, M, dtype=acc_dtype, device=dev) if with_output else None
+    acc = torch.zeros(R, M, v_heads.shape[-1], dtype=acc_dtype, device=dev) if with_output else None
+    started = torch.zeros(lead + (R,), dtype=torch.bool, device=dev)
+    tile_state = torch.zeros(lead + (R, T), dtype=torch.int8, device=dev)
+    margin = torch.full(lead + (R, T), math.nan, dtype=torch.float32, device=dev)
+    valid_rows = row_valid[:, :, None]
+    for t in range(T):
+        idx = tile_index[:, t]  # (R, BN)
+        key_ok = idx >= 0
+        safe = idx.clamp(min=0)
+        k_t = k_heads[row_kv_head[:, None], safe].to(acc_dtype)  # (R, BN, Dk)
+        visible = key_ok[:, None, :] & (idx[:, None, :] <= row_pos[:, :, None]) & valid_rows  # (R, M, BN)
+        visited = visible.any(dim=(1, 2))
+        if not bool(visited.any()):
+            continue
+        s = torch.einsum("rmd,rnd->rmn", q, k_t) * sm_scale
+        s = s.masked_fill(~visible, -math.inf)
+        m_tile = s.amax(dim=-1)  # (R, M)
+        has_keys = visible.any(dim=-1)
+        excess = torch.where(has_keys & row_valid, m_tile - m_i - log_lam, torch.full_like(m_i, -math.inf))
+        row_margin = excess.amax(dim=-1)  # (*lead, R)
+        evaluated = visited & tile_full[:, t] & started
+        skip = evaluated & (row_margin < 0)
+        if skip_override is not None:
+            skip = skip_override[:, t].to(dev) & visited
+        margin[..., t] = torch.where(evaluated, row_margin.float(), margin[..., t])
+        tile_state[..., t] = torch.where(
+            skip, int(TileState.SKIPPED), torch.where(visited, int(TileState.COMPUTED), int(TileState.UNVISITED))
+        ).to(torch.int8)
+        update = visited & ~skip  # (*lead, R)
+        started = started | visited
+        m_new = torch.where(update[..., None], torch.maximum(m_i, m_tile), m_i)
+        if with_output:
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe[:, :, None])  # masked entries: exp(-inf) = 0
+            alpha = torch.exp(m_i - m_safe)
+            v_t = v_heads[row_kv_head[:, None], safe].to(acc_dtype)
+            u = update[:, None]
+            l_i = torch.where(u, l_i * alpha + p.sum(-1), l_i)
+            acc = torch.where(u[..., None], acc * alpha[..., None] + torch.einsum("rmn,rnd->rmd", p, v_t), acc)
+        m_i = m_new
+    return acc, m_i, l_i, tile_state, margin
+
+
+def _finish(acc, m_i, l_i):
+    out = acc / l_i[..., None]
+    lse = m_i + torch.log(l_i)
+    return out, lse
+
+
+def extend_tile_starts(prefix_len: int, extend_len: int, block_n: int) -> torch.Tensor:
+    """Absolute start position of every key tile of one extend sequence: prefix tiles, then new-token tiles."""
+    return torch.cat(
+        [torch.arange(0, prefix_len, block_n), torch.arange(prefix_len, prefix_len + extend_len, block_n)]
+    ).long()
+
+
+def prefill_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    prefix_len: int = 0,
+    sm_scale: Optional[float] = None,
+    log_lam: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+    skip_override: Optional[torch.Tensor] = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> ReferenceResult:
+    """BLASST prefill/extend attention of one sequence.
+
+    Args:
+        q: ``(E, Hq, Dk)`` queries of the ``E`` new tokens.
+        k: ``(P + E, Hkv, Dk)`` keys: the cached prefix (``P = prefix_len`` tokens) then the new tokens.
+        v: ``(P + E, Hkv, Dv)`` values, same order.
+        prefix_len: ``P``. New token ``i`` sits at position ``P + i``.
+        sm_scale: softmax scale, default ``1/sqrt(Dk)``.
+        log_lam: ``(Hq,)`` ln λ per query head (``-inf``: dense), or a scalar; default dense.
+        causal: new token ``i`` sees keys at positions ``<= P + i`` (the whole prefix); else all keys.
+        block_m, block_n: tile sizes (rows per query block, keys per key tile).
+        skip_override: optional ``(Hq, NQ, T)`` bool decisions to replay.
+
+    Returns:
+        :class:`ReferenceResult` with ``out (E, Hq, Dv)``, ``lse (E, Hq)`` and skip map
+        ``tile_state``/``margin`` of shape ``(Hq, NQ, T)``: ``NQ = ceil(E / block_m)`` query blocks,
+        ``T = ceil(P / block_n) + ceil(E / block_n)`` key tiles (see :func:`extend_tile_starts`).
+    """
+    E, Hq, Dk = q.shape
+    Lk, Hkv, _ = k.shape
+    if Lk != prefix_len + E:
+        raise ValueError(f"k has {Lk} tokens, expected prefix_len + new tokens = {prefix_len} + {E}")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    group = Hq // Hkv
+    sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
+    dev = q.device
+    nq = -(-E // block_m)
+    starts = extend_tile_starts(prefix_len, E, block_n).to(dev)
+    seg_end = torch.where(starts < prefix_len, prefix_len, prefix_len + E)
+    offs = torch.arange(block_n, device=dev)
+    tiles = starts[:, None] + offs[None, :]
+    tiles = torch.where(tiles < seg_end[:, None], tiles, torch.full_like(tiles, -1))  # (T, BN)
+    T = tiles.shape[0]
+
+    rows = torch.arange(nq * block_m, device=dev).view(nq, block_m)
+    new_start = (starts - prefix_len)[None, :]  # (1, T), negative for prefix tiles
+    block_first = rows[:, :1]  # (NQ, 1)
+    tile_full = (new_start < 0) | (new_start + block_n - 1 <= block_first) | (not causal)  # (NQ, T)
+    row_valid = rows < E
+    row_pos = prefix_len + rows if causal else torch.full_like(rows, prefix_len + E)
+    qp = torch.zeros(nq * block_m, Hq, Dk, dtype=compute_dtype, device=dev)
+    qp[:E] = q.to(compute_dtype)
+    q_rs = qp.view(nq, block_m, Hq, Dk).permute(2, 0, 1, 3).reshape(Hq * nq, block_m, Dk)
+
+    heads = torch.arange(Hq, device=dev).repeat_interleave(nq)
+    if log_lam is None:
+        log_lam = torch.full((Hq,), -math.inf)
+    log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=dev).expand(Hq)
+    override = None if skip_override is None else skip_override.reshape(Hq * nq, T)
+    acc, m_i, l_i, state, margin = _blocked_online_softmax(
+        q_rs,
+        k.permute(1, 0, 2),
+        v.permute(1, 0, 2),
+        heads // group,
+        row_pos.repeat(Hq, 1),
+        row_valid.repeat(Hq, 1),
+        tiles[None].expand(Hq * nq, T, block_n),
+        tile_full.repeat(Hq, 1),
+        log_lam[heads][:, None].expand(Hq * nq, block_m),
+        sm_scale,
+        override,
+    )
+    out, lse = _finish(acc, m_i, l_i)
+    out = out.view(Hq, nq * block_m, -1).permute(1, 0, 2)[:E]
+    lse = lse.view(Hq, nq * block_m).T[:E]
+    return ReferenceResult(
+        out.to(q.dtype).contiguous(),
+        lse.float().contiguous(),
+        state.view(Hq, nq, T),
+        margin.view(Hq, nq, T),
+    )
+
+
+def decode_split_len(kv_len: int, num_splits: int, block_n: int) -> int:
+    """Keys per KV split: ``ceil(ceil(kv_len / num_splits) / block_n) * block_n`` (whole tiles)."""
+    per = -(-kv_len // max(num_splits, 1))
+    return max(-(-per // block_n) * block_n, block_n)
+
+
+def decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sm_scale: Optional[float] = None,
+    log_lam: Optional[torch.Tensor] = None,
+    block_n: int = 64,
+    num_splits: int = 1,
+    skip_override: Optional[torch.Tensor] = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> ReferenceResult:
+    """BLASST decode attention of one request (one new token), split-KV.
+
+    All query heads of a KV group decide together: a tile is skipped only when it is negligible for
+    every head of the group. Each split runs its own online softmax; the splits are merged by
+    log-sum-exp.
+
+    Args:
+        q: ``(Hq, Dk)`` the new token's queries.
+        k: ``(L, Hkv, Dk)`` keys of the whole context (the new token's included).
+        v: ``(L, Hkv, Dv)`` values.
+        log_lam: ``(Hq,)`` ln λ per query head, or a scalar; default dense.
+        block_n: keys per tile; num_splits: KV splits (see :func:`decode_split_len`).
+        skip_override: optional ``(Hkv, ceil(L / block_n))`` bool decisions to replay.
+
+    Returns:
+        :class:`ReferenceResult` with ``out (Hq, Dv)``, ``lse (Hq,)`` and skip map
+        ``tile_state``/``margin`` of shape ``(Hkv, ceil(L / block_n))``.
+    """
+    Hq, Dk = q.shape
+    L, Hkv, _ = k.shape
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    group = Hq // Hkv
+    sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
+    dev = q.device
+    split_len = decode_split_len(L, num_splits, block_n)
+    ns = -(-L // split_len)
+    tps = split_len // block_n
+    pos = torch.arange(ns * split_len, device=dev).view(ns, tps, block_n)
+    tiles = torch.where(pos < L, pos, torch.full_like(pos, -1))
+    nt = -(-L // block_n)
+
+    q_rs = q.to(compute_dtype).view(Hkv, 1, group, Dk).expand(Hkv, ns, group, Dk).reshape(Hkv * ns, group, Dk)
+    if log_lam is None:
+        log_lam = torch.full((Hq,), -math.inf)
+    log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=dev).expand(Hq)
+    lam_rs = log_lam.view(Hkv, 1, group).expand(Hkv, ns, group).reshape(Hkv * ns, group)
+    override = None
+    if skip_override is not None:
+        padded = torch.zeros(Hkv, ns * tps, dtype=torch.bool, device=dev)
+        padded[:, :nt] = skip_override.to(dev)
+        override = padded.view(Hkv * ns, tps)
+    kv_head = torch.arange(Hkv, device=dev).repeat_interleave(ns)
+    acc, m_i, l_i, state, margin = _blocked_online_softmax(
+        q_rs,
+        k.permute(1, 0, 2),
+        v.permute(1, 0, 2),
+        kv_head,
+        torch.full((Hkv * ns, group), L, device=dev),
+        torch.ones(Hkv * ns, group, dtype=torch.bool, device=dev),
+        tiles.repeat(Hkv, 1, 1),
+        torch.ones(Hkv * ns, tps, dtype=torch.bool, device=dev),
+        lam_rs,
+        sm_scale,
+        override,
+    )
+    # Merge the splits of each KV head by log-sum-exp.
+    out_s, lse_s = _finish(acc, m_i, l_i)
+    lse_s = lse_s.view(Hkv, ns, group)
+    out_s = out_s.view(Hkv, ns, group, -1)
+    lse = torch.logsumexp(lse_s, dim=1)  # (Hkv, group)
+    w = torch.exp(lse_s - lse[:, None])
+    out = (w[..., None] * torch.nan_to_num(out_s)).sum(1)
+    return ReferenceResult(
+        out.reshape(Hq, -1).to(q.dtype),
+        lse.reshape(Hq).float(),
+        state.view(Hkv, ns * tps)[:, :nt].contiguous(),
+        margin.view(Hkv, ns * tps)[:, :nt].contiguous(),
+    )

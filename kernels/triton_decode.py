@@ -1,0 +1,165 @@
+"""Triton BLASST split-KV decode over SGLang's paged KV.
+
+Stage 1: one program per (request, KV head, KV split) holds the queries of every head of the KV
+group as the rows of one ``tl.dot`` (a KV tile is loaded once for the whole group). After
+``S = QKᵀ`` the tile is skipped when every head of the group has ``m̃ − m < log2 λ``: then its V
+rows are never read. Each split keeps its own online softmax, so its first tile is never skipped.
+Stage 2: merge the splits of each query head by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_prefill import _log2_lambda
+
+
+@triton.jit
+def decode_split_kernel(
+    Q, K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr,
+    scale_ptr, stats_ptr, map_ptr, part_o, part_lse,
+    sm_scale, kv_group, max_splits,
+    stride_qb, stride_qh, stride_bkt, stride_bkh, stride_bvt, stride_bvh,
+    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
+    stride_map_b, stride_map_h,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start = tl.load(kv_indptr + seq)
+    kv_len = tl.load(kv_indptr + seq + 1) - kv_start
+    n_splits = tl.minimum(tl.load(num_splits_ptr + seq), max_splits)
+    # Splits are whole tiles: ceil(ceil(kv_len / n_splits) / BLOCK_N) * BLOCK_N keys each.
+    split_len = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_len)
+    if lo >= hi:
+        return
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < kv_group
+    heads = kv_head * kv_group + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    q_pe = q  # unused unless BLOCK_DPE > 0
+    if BLOCK_DPE > 0:
+        q_pe = tl.load(q_ptrs + BLOCK_D + tl.arange(0, BLOCK_DPE)[None, :], mask=h_ok[:, None], other=0.0)
+    log2_lam = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    if SKIP:
+        log2_lam = _log2_lambda(scale_ptr, tl.where(h_ok, heads, 0), kv_len)
+    qk_scale = sm_scale * 1.4426950408889634  # 1/ln 2: exp2 instead of exp
+
+    K = K_buf + kv_head * stride_bkh
+    V = V_buf + kv_head * stride_bvh
+    idx_ptr = kv_indices + kv_start
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    n_seen = tl.zeros([], dtype=tl.int32)
+    n_skip = tl.zeros([], dtype=tl.int32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + rows[None, :] * stride_bkt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        qk = tl.dot(q, k)
+        if BLOCK_DPE > 0:
+            offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+            k_pe = tl.load(K + rows[None, :] * stride_bkt + offs_pe[:, None], mask=n_ok[None, :], other=0.0)
+            qk += tl.dot(q_pe, k_pe)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.max(qk, 1)
+        keep = 1
+        if SKIP:
+            # Keep the tile when any head of the group may matter (first tile: m = −inf).
+            matters = (m_ij - m_i >= log2_lam) & h_ok
+            keep = tl.max(matters.to(tl.int32), 0)
+        if keep:
+            m_new = tl.maximum(m_i, m_ij)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        n_seen += 1
+        n_skip += 1 - keep
+        if RECORD_MAP:
+            # TileState: 1 = computed, 2 = skipped.
+            map_ptrs = map_ptr + seq * stride_map_b + kv_head * stride_map_h + start // BLOCK_N
+            tl.store(map_ptrs, (n_seen * 0 + 2 - keep).to(tl.int8))
+
+    po = part_o + seq.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s
+    tl.store(po + offs_dv[None, :], acc / l_i[:, None], mask=h_ok[:, None])
+    pl = part_lse + seq.to(tl.int64) * stride_pl_b + heads * stride_pl_h + split
+    tl.store(pl, m_i + tl.math.log2(l_i), mask=h_ok)  # log2 domain
+    if COUNT:
+        zero = tl.zeros([BLOCK_H], dtype=tl.int32)
+        tl.atomic_add(stats_ptr + heads * 2, zero + n_seen, mask=h_ok)
+        tl.atomic_add(stats_ptr + heads * 2 + 1, zero + n_skip, mask=h_ok)
+
+
+@triton.jit
+def decode_merge_kernel(
+    part_o, part_lse, O, kv_indptr, num_splits_ptr, max_splits,
+    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h, stride_ob, stride_oh,
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_len = tl.load(kv_indptr + seq + 1) - tl.load(kv_indptr + seq)
+    n_splits = tl.minimum(tl.load(num_splits_ptr + seq), max_splits)
+    split_len = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    offs_dv = tl.arange(0, BLOCK_DV)
+    po = part_o + seq.to(tl.int64) * stride_po_b + head * stride_po_h
+    pl = part_lse + seq.to(tl.int64) * stride_pl_b + head * stride_pl_h
+    m = float("-inf")
+    denom = 0.0
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s in range(0, tl.cdiv(kv_len, split_len)):
+        lse = tl.load(pl + s)
+        o = tl.load(po + s * stride_po_s + offs_dv)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse - m_new)
+        acc = acc * alpha + w * o
+        denom = denom * alpha + w
+        m = m_new
+    tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_dv, (acc / denom).to(O.dtype.element_ty))
+
+
+def launch_decode(
+    q, k_buffer, v_buffer, out, kv_indptr, kv_indices, num_splits, max_splits, scale, stats, skip_map,
+    *, sm_scale, skip, block_h, block_n, block_d, block_dpe, block_dv, num_warps, num_stages,
+):
+    """Launch both decode stages; arguments are validated by :mod:`blasst_kernels.api`."""
+    import torch
+
+    batch, num_heads = q.shape[0], q.shape[1]
+    kv_heads = k_buffer.shape[1]
+    part_o = torch.empty(batch, num_heads, max_splits, block_dv, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
+    map_strides = skip_map.stride()[:2] if skip_map is not None else (0, 0)
+    decode_split_kernel[(batch, kv_heads, max_splits)](
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits,
+        scale, stats, skip_map, part_o, part_lse,
+        sm_scale, num_heads // kv_heads, max_splits,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        *map_strides,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
+        SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    decode_merge_kernel[(batch, num_heads)](
+        part_o, part_lse, out, kv_indptr, num_splits, max_splits,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_N=block_n, BLOCK_DV=block_dv,
+    )

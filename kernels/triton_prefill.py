@@ -1,0 +1,189 @@
+"""Triton BLASST prefill/extend kernel over SGLang's paged KV.
+
+One program owns ``BLOCK_M`` new tokens of one query head of one sequence and walks the key tiles
+in three stages, like the causal stages of Triton's fused-attention tutorial:
+
+1. the cached prefix, gathered through ``kv_indices`` (token slots into the paged buffers);
+2. the new tokens' tiles left of the diagonal (fully visible);
+3. the new tokens' diagonal tiles (masked, never skipped).
+
+Stages 1 and 2 may skip a tile (``SKIP`` constexpr): after ``S = QKᵀ``, when every valid row's tile
+max is ``< running max + log2 λ`` the tile's softmax update, V load and P·V are not done.
+``SKIP=False`` compiles the dense kernel from the same source.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _log2_lambda(scale_ptr, head, kv_len):
+    """log2 λ for one (sequence, head); -inf when λ = scale / kv_len is not in (0, 1)."""
+    lam = tl.load(scale_ptr + head) / kv_len.to(tl.float32)
+    return tl.where((lam > 0) & (lam < 1), tl.math.log2(tl.maximum(lam, 1e-30)), float("-inf"))
+
+
+@triton.jit
+def _attn_tiles(
+    acc, l_i, m_i, n_seen, n_skip,
+    q, q_pe, log2_lam, row_ok, row_pos,
+    K, V, stride_kt, stride_vt, idx_ptr,
+    lo, hi, seg_len, key_pos0,
+    map_ptr, tile0, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GATHER: tl.constexpr, DIAGONAL: tl.constexpr, SKIP: tl.constexpr, RECORD_MAP: tl.constexpr,
+):
+    """Key tiles ``[lo, hi)`` of one segment (segment-local positions; ``seg_len`` real keys)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seg_len
+        if GATHER:
+            rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        else:
+            rows = offs_n.to(tl.int64)
+        k = tl.load(K + rows[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        qk = tl.dot(q, k)
+        if BLOCK_DPE > 0:
+            offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+            k_pe = tl.load(K + rows[None, :] * stride_kt + offs_pe[:, None], mask=n_ok[None, :], other=0.0)
+            qk += tl.dot(q_pe, k_pe)
+        qk = qk * qk_scale  # log2 domain: sm_scale / ln 2
+        if DIAGONAL:
+            visible = n_ok[None, :] & (key_pos0 + offs_n[None, :] <= row_pos[:, None])
+        else:
+            visible = n_ok[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_ij = tl.max(qk, 1)
+        keep = 1
+        if SKIP:
+            # Keep the tile when any valid row may matter: m̃ − m ≥ log2 λ (first tile: m = −inf).
+            matters = (m_ij - m_i >= log2_lam) & row_ok
+            keep = tl.max(matters.to(tl.int32), 0)
+        if keep:
+            m_new = tl.maximum(m_i, m_ij)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + rows[:, None] * stride_vt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        n_seen += 1
+        n_skip += 1 - keep
+        if RECORD_MAP:
+            # TileState: 1 = computed, 2 = skipped.
+            tl.store(map_ptr + tile0 + (start - lo) // BLOCK_N, (n_seen * 0 + 2 - keep).to(tl.int8))
+    return acc, l_i, m_i, n_seen, n_skip
+
+
+@triton.jit
+def extend_fwd_kernel(
+    Q, K_ext, V_ext, K_buf, V_buf, O,
+    qo_indptr, kv_indptr, kv_indices,
+    scale_ptr, stats_ptr, map_ptr,
+    sm_scale, kv_group,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_bkt, stride_bkh, stride_bvt, stride_bvh,
+    stride_ot, stride_oh,
+    stride_map_b, stride_map_h, stride_map_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N")
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(qo_indptr + seq)
+    ext_len = tl.load(qo_indptr + seq + 1) - q_start
+    if pid_m * BLOCK_M >= ext_len:
+        return
+    kv_start = tl.load(kv_indptr + seq)
+    prefix_len = tl.load(kv_indptr + seq + 1) - kv_start
+    kv_head = head // kv_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < ext_len
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pe = q  # unused unless BLOCK_DPE > 0
+    if BLOCK_DPE > 0:
+        q_pe = tl.load(q_ptrs + BLOCK_D + tl.arange(0, BLOCK_DPE)[None, :], mask=row_ok[:, None], other=0.0)
+    row_pos = prefix_len + offs_m
+
+    log2_lam = float("-inf")
+    if SKIP:
+        log2_lam = _log2_lambda(scale_ptr, head, prefix_len + ext_len)
+    qk_scale = sm_scale * 1.4426950408889634  # 1/ln 2: exp2 instead of exp
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    n_seen = tl.zeros([], dtype=tl.int32)
+    n_skip = tl.zeros([], dtype=tl.int32)
+    map_row = map_ptr
+    if RECORD_MAP:
+        map_row = map_ptr + seq * stride_map_b + head * stride_map_h + pid_m * stride_map_m
+    n_prefix_tiles = tl.cdiv(prefix_len, BLOCK_N)
+
+    # Stage 1: the cached prefix, through the paged buffers.
+    acc, l_i, m_i, n_seen, n_skip = _attn_tiles(
+        acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+        K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
+        0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, SKIP, RECORD_MAP,
+    )
+    # Stage 2: new tokens left of the diagonal (all of them when not causal).
+    K_seg = K_ext + q_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    V_seg = V_ext + q_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    off_hi = pid_m * BLOCK_M if CAUSAL else ext_len
+    acc, l_i, m_i, n_seen, n_skip = _attn_tiles(
+        acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+        K_seg, V_seg, stride_kt, stride_vt, kv_indices,
+        0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, SKIP, RECORD_MAP,
+    )
+    # Stage 3: the diagonal tiles, masked and never skipped.
+    if CAUSAL:
+        acc, l_i, m_i, n_seen, n_skip = _attn_tiles(
+            acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+            K_seg, V_seg, stride_kt, stride_vt, kv_indices,
+            off_hi, tl.minimum(off_hi + BLOCK_M, ext_len), ext_len, prefix_len,
+            map_row, n_prefix_tiles + off_hi // BLOCK_N, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, False, RECORD_MAP,
+        )
+
+    out = acc / l_i[:, None]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = O + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + head * stride_oh + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if COUNT:
+        tl.atomic_add(stats_ptr + head * 2, n_seen)
+        tl.atomic_add(stats_ptr + head * 2 + 1, n_skip)
+
+
+def launch_extend(
+    q, k, v, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices, scale, stats, skip_map,
+    *, sm_scale, causal, skip, batch, max_extend_len, block_m, block_n, block_d, block_dpe, block_dv,
+    num_warps, num_stages,
+):
+    """Launch :func:`extend_fwd_kernel`; arguments are validated by :mod:`blasst_kernels.api`."""
+    num_heads = q.shape[1]
+    grid = (triton.cdiv(max_extend_len, block_m), num_heads, batch)
+    map_strides = skip_map.stride()[:3] if skip_map is not None else (0, 0, 0)
+    extend_fwd_kernel[grid](
+        q, k, v, k_buffer, v_buffer, out,
+        qo_indptr, kv_indptr, kv_indices,
+        scale, stats, skip_map,
+        sm_scale, num_heads // k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        out.stride(0), out.stride(1),
+        *map_strides,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
+        CAUSAL=causal, SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
