@@ -41,6 +41,7 @@ __all__ = [
     "decode_reference",
     "decode_split_len",
     "extend_tile_starts",
+    "prefill_skip_sweep",
 ]
 
 
@@ -171,6 +172,35 @@ def extend_tile_starts(prefix_len: int, extend_len: int, block_n: int) -> torch.
     ).long()
 
 
+def _prefill_row_sets(q, k, prefix_len, causal, block_m, block_n, compute_dtype):
+    """Row sets of one prefill sequence: (q_rs, kv_head, row_pos, row_valid, tiles, tile_full, heads, nq, T)."""
+    E, Hq, Dk = q.shape
+    Lk, Hkv, _ = k.shape
+    if Lk != prefix_len + E:
+        raise ValueError(f"k has {Lk} tokens, expected prefix_len + new tokens = {prefix_len} + {E}")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    dev = q.device
+    nq = -(-E // block_m)
+    starts = extend_tile_starts(prefix_len, E, block_n).to(dev)
+    seg_end = torch.where(starts < prefix_len, prefix_len, prefix_len + E)
+    tiles = starts[:, None] + torch.arange(block_n, device=dev)[None, :]
+    tiles = torch.where(tiles < seg_end[:, None], tiles, torch.full_like(tiles, -1))  # (T, BN)
+    T = tiles.shape[0]
+    rows = torch.arange(nq * block_m, device=dev).view(nq, block_m)
+    new_start = (starts - prefix_len)[None, :]  # (1, T), negative for prefix tiles
+    tile_full = (new_start < 0) | (new_start + block_n - 1 <= rows[:, :1]) | (not causal)  # (NQ, T)
+    row_pos = prefix_len + rows if causal else torch.full_like(rows, prefix_len + E)
+    qp = torch.zeros(nq * block_m, Hq, Dk, dtype=compute_dtype, device=dev)
+    qp[:E] = q.to(compute_dtype)
+    q_rs = qp.view(nq, block_m, Hq, Dk).permute(2, 0, 1, 3).reshape(Hq * nq, block_m, Dk)
+    heads = torch.arange(Hq, device=dev).repeat_interleave(nq)
+    return (
+        q_rs, heads // (Hq // Hkv), row_pos.repeat(Hq, 1), (rows < E).repeat(Hq, 1),
+        tiles[None].expand(Hq * nq, T, block_n), tile_full.repeat(Hq, 1), heads, nq, T,
+    )
+
+
 def prefill_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -197,6 +227,7 @@ def prefill_reference(
         causal: new token ``i`` sees keys at positions ``<= P + i`` (the whole prefix); else all keys.
         block_m, block_n: tile sizes (rows per query block, keys per key tile).
         skip_override: optional ``(Hq, NQ, T)`` bool decisions to replay.
+        compute_dtype: float64 (default, the oracle) or float32 (faster, for model runs).
 
     Returns:
         :class:`ReferenceResult` with ``out (E, Hq, Dv)``, ``lse (E, Hq)`` and skip map
@@ -204,49 +235,17 @@ def prefill_reference(
         ``T = ceil(P / block_n) + ceil(E / block_n)`` key tiles (see :func:`extend_tile_starts`).
     """
     E, Hq, Dk = q.shape
-    Lk, Hkv, _ = k.shape
-    if Lk != prefix_len + E:
-        raise ValueError(f"k has {Lk} tokens, expected prefix_len + new tokens = {prefix_len} + {E}")
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    group = Hq // Hkv
     sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
-    dev = q.device
-    nq = -(-E // block_m)
-    starts = extend_tile_starts(prefix_len, E, block_n).to(dev)
-    seg_end = torch.where(starts < prefix_len, prefix_len, prefix_len + E)
-    offs = torch.arange(block_n, device=dev)
-    tiles = starts[:, None] + offs[None, :]
-    tiles = torch.where(tiles < seg_end[:, None], tiles, torch.full_like(tiles, -1))  # (T, BN)
-    T = tiles.shape[0]
-
-    rows = torch.arange(nq * block_m, device=dev).view(nq, block_m)
-    new_start = (starts - prefix_len)[None, :]  # (1, T), negative for prefix tiles
-    block_first = rows[:, :1]  # (NQ, 1)
-    tile_full = (new_start < 0) | (new_start + block_n - 1 <= block_first) | (not causal)  # (NQ, T)
-    row_valid = rows < E
-    row_pos = prefix_len + rows if causal else torch.full_like(rows, prefix_len + E)
-    qp = torch.zeros(nq * block_m, Hq, Dk, dtype=compute_dtype, device=dev)
-    qp[:E] = q.to(compute_dtype)
-    q_rs = qp.view(nq, block_m, Hq, Dk).permute(2, 0, 1, 3).reshape(Hq * nq, block_m, Dk)
-
-    heads = torch.arange(Hq, device=dev).repeat_interleave(nq)
+    q_rs, kv_head, row_pos, row_valid, tiles, tile_full, heads, nq, T = _prefill_row_sets(
+        q, k, prefix_len, causal, block_m, block_n, compute_dtype
+    )
     if log_lam is None:
         log_lam = torch.full((Hq,), -math.inf)
-    log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=dev).expand(Hq)
+    log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=q.device).expand(Hq)
     override = None if skip_override is None else skip_override.reshape(Hq * nq, T)
     acc, m_i, l_i, state, margin = _blocked_online_softmax(
-        q_rs,
-        k.permute(1, 0, 2),
-        v.permute(1, 0, 2),
-        heads // group,
-        row_pos.repeat(Hq, 1),
-        row_valid.repeat(Hq, 1),
-        tiles[None].expand(Hq * nq, T, block_n),
-        tile_full.repeat(Hq, 1),
-        log_lam[heads][:, None].expand(Hq * nq, block_m),
-        sm_scale,
-        override,
+        q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), kv_head, row_pos, row_valid, tiles, tile_full,
+        log_lam[heads][:, None].expand(Hq * nq, block_m), sm_scale, override,
     )
     out, lse = _finish(acc, m_i, l_i)
     out = out.view(Hq, nq * block_m, -1).permute(1, 0, 2)[:E]
@@ -257,6 +256,42 @@ def prefill_reference(
         state.view(Hq, nq, T),
         margin.view(Hq, nq, T),
     )
+
+
+def prefill_skip_sweep(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    log_lams: torch.Tensor,
+    *,
+    prefix_len: int = 0,
+    sm_scale: Optional[float] = None,
+    causal: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Skip maps of one prefill sequence for many thresholds in one pass (no output computed).
+
+    Args:
+        q: ``(E, Hq, Dk)``; k: ``(P + E, Hkv, Dk)`` as in :func:`prefill_reference`.
+        log_lams: ``(S,)`` or ``(S, Hq)`` ln λ values to evaluate.
+
+    Returns:
+        int8 ``(S, Hq, NQ, T)`` TileState maps, one per threshold.
+    """
+    E, Hq, Dk = q.shape
+    sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
+    q_rs, kv_head, row_pos, row_valid, tiles, tile_full, heads, nq, T = _prefill_row_sets(
+        q, k, prefix_len, causal, block_m, block_n, compute_dtype
+    )
+    lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=q.device)
+    lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
+    lam_rows = lams[:, heads][:, :, None].expand(-1, Hq * nq, block_m)
+    _, _, _, state, _ = _blocked_online_softmax(
+        q_rs, k.permute(1, 0, 2), k.permute(1, 0, 2), kv_head, row_pos, row_valid, tiles, tile_full,
+        lam_rows, sm_scale, None, with_output=False,
+    )
+    return state.view(-1, Hq, nq, T)
 
 
 def decode_split_len(kv_len: int, num_splits: int, block_n: int) -> int:
