@@ -58,8 +58,6 @@ class KernelOptions:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.block_m % self.block_n:
-            raise ValueError(f"block_m ({self.block_m}) must be a multiple of block_n ({self.block_n})")
 
 
 def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions:
@@ -213,6 +211,8 @@ def extend_attention(
     scale = _scale_tensor(threshold_scale_factor, num_heads, device)
     stats = _stats_tensor(stats, num_heads, device)
     opts = options or default_options(dk, dv, "prefill")
+    if opts.block_m % opts.block_n:
+        raise ValueError(f"block_m ({opts.block_m}) must be a multiple of block_n ({opts.block_n}) for prefill")
     if out is None:
         out = torch.empty(n_tokens, num_heads, dv, dtype=q.dtype, device=device)
     elif out.shape != (n_tokens, num_heads, dv) or out.dtype != q.dtype or out.device != device:

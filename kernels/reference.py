@@ -42,6 +42,7 @@ __all__ = [
     "decode_split_len",
     "extend_tile_starts",
     "prefill_skip_sweep",
+    "decode_skip_sweep",
 ]
 
 
@@ -381,3 +382,55 @@ def decode_reference(
         state.view(Hkv, ns * tps)[:, :nt].contiguous(),
         margin.view(Hkv, ns * tps)[:, :nt].contiguous(),
     )
+
+
+def decode_skip_sweep(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    log_lams: torch.Tensor,
+    *,
+    sm_scale: Optional[float] = None,
+    block_n: int = 64,
+    num_splits: int = 1,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode skip maps of one request for many thresholds in one pass (no output computed).
+
+    Same rule as :func:`decode_reference`: the query heads of a KV group decide together and the
+    first tile of every KV split is always computed.
+
+    Args:
+        q: ``(Hq, Dk)`` the new token's queries; k: ``(L, Hkv, Dk)`` keys of the whole context.
+        log_lams: ``(S,)`` or ``(S, Hq)`` ln λ values to evaluate (``-inf``: never skip).
+        block_n: keys per tile; num_splits: KV splits (see :func:`decode_split_len`).
+
+    Returns:
+        int8 ``(S, Hkv, ceil(L / block_n))`` TileState maps, one per threshold.
+    """
+    Hq, Dk = q.shape
+    L, Hkv, _ = k.shape
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    group = Hq // Hkv
+    sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
+    dev = q.device
+    split_len = decode_split_len(L, num_splits, block_n)
+    ns = -(-L // split_len)
+    tps = split_len // block_n
+    pos = torch.arange(ns * split_len, device=dev).view(ns, tps, block_n)
+    tiles = torch.where(pos < L, pos, torch.full_like(pos, -1))
+    lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=dev)
+    lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
+    lam_rs = lams.view(-1, Hkv, 1, group).expand(-1, Hkv, ns, group).reshape(-1, Hkv * ns, group)
+    q_rs = q.to(compute_dtype).view(Hkv, 1, group, Dk).expand(Hkv, ns, group, Dk).reshape(Hkv * ns, group, Dk)
+    k_heads = k.permute(1, 0, 2)
+    _, _, _, state, _ = _blocked_online_softmax(
+        q_rs, k_heads, k_heads,
+        torch.arange(Hkv, device=dev).repeat_interleave(ns),
+        torch.full((Hkv * ns, group), L, device=dev),
+        torch.ones(Hkv * ns, group, dtype=torch.bool, device=dev),
+        tiles.repeat(Hkv, 1, 1),
+        torch.ones(Hkv * ns, tps, dtype=torch.bool, device=dev),
+        lam_rs, sm_scale, None, with_output=False,
+    )
+    return state.view(-1, Hkv, ns * tps)[:, :, : -(-L // block_n)]

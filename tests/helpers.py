@@ -68,15 +68,18 @@ def page_slots(lens: List[int], page_size: int, gen: torch.Generator, spare_page
     return out
 
 
-def make_batch(prefix_lens, extend_lens, hq, hkv, dk, dv, page_size, dtype, gen, sink_every: int = 23) -> PagedBatch:
+def make_batch(prefix_lens, extend_lens, hq, hkv, dk, dv, page_size, dtype, gen, sink_every: int = 23, lean_per_kv_head: bool = False) -> PagedBatch:
     """Peaked attention: each KV head has a sink direction; q leans on it with a head-dependent weight.
 
     Sinks (keys equal to ``strength · dir``) sit at position 0 and every ``sink_every`` positions,
     so tiles without a sink are negligible for strongly leaning heads and not for weak ones.
+    ``lean_per_kv_head`` gives all heads of a KV group one weight (decode decides per group).
     """
     group = hq // hkv
     dirs = torch.nn.functional.normalize(torch.randn(hkv, dk, generator=gen), dim=-1)
-    lean = torch.linspace(0.0, 1.5, hq)[torch.randperm(hq, generator=gen)]
+    n_lean = hkv if lean_per_kv_head else hq
+    lean = torch.linspace(0.0, 1.5, n_lean)[torch.randperm(n_lean, generator=gen)]
+    lean = lean.repeat_interleave(group) if lean_per_kv_head else lean
     strength = 0.5 + 2.0 * torch.rand(hkv, generator=gen)
     qs, ks, vs, kbufs = [], [], [], []
     slot_lists = page_slots(prefix_lens, page_size, gen)

@@ -1,0 +1,78 @@
+"""Bad input to the kernel entry points gets a clear error naming the bad value."""
+
+import pytest
+import torch
+
+from blasst_kernels import KernelOptions, decode_attention, extend_attention, prefill_attention
+
+
+def qkv(n=8, hq=4, hkv=2, dk=64, dv=64, dtype=torch.float16):
+    return torch.randn(n, hq, dk).to(dtype), torch.randn(n, hkv, dk).to(dtype), torch.randn(n, hkv, dv).to(dtype)
+
+
+CU = torch.tensor([0, 8], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dk,dv", [(96, 96), (128, 64), (32, 32)])
+def test_unsupported_head_dims(dk, dv):
+    q, k, v = qkv(dk=dk, dv=dv)
+    with pytest.raises(ValueError, match=f"qk={dk}, v={dv}"):
+        prefill_attention(q, k, v, CU)
+
+
+def test_fp8_is_refused():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="float8"):
+        prefill_attention(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), CU)
+
+
+def test_bf16_refused_under_interpreter():
+    q, k, v = qkv(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        prefill_attention(q, k, v, CU)
+
+
+def test_shape_and_dtype_mismatches():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="Invalid shape of k/v"):
+        prefill_attention(q, k[:5], v[:5], CU)
+    with pytest.raises(ValueError, match="k has dtype"):
+        prefill_attention(q, k.float(), v, CU)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        prefill_attention(q[:, :3], k, v, CU)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        prefill_attention(q, k, v, CU.float())
+
+
+def test_bad_threshold_and_options():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="threshold_scale_factor"):
+        prefill_attention(q, k, v, CU, threshold_scale_factor=float("nan"))
+    with pytest.raises(ValueError, match="threshold_scale_factor"):
+        prefill_attention(q, k, v, CU, threshold_scale_factor=[1.0, 2.0])
+    with pytest.raises(ValueError, match="power of two"):
+        KernelOptions(48, 16)
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        prefill_attention(q, k, v, CU, options=KernelOptions(16, 32))
+
+
+def test_decode_bad_inputs():
+    q = torch.randn(2, 4, 64, dtype=torch.float16)
+    kb = torch.randn(10, 2, 64, dtype=torch.float16)
+    indptr = torch.tensor([0, 3, 6], dtype=torch.int32)
+    idx = torch.arange(6, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_indptr"):
+        decode_attention(q, kb, kb, indptr[:2], idx)
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        decode_attention(q, kb, kb, indptr, idx, num_kv_splits=torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="stats"):
+        decode_attention(q, kb, kb, indptr, idx, stats=torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="out"):
+        decode_attention(q, kb, kb, indptr, idx, out=torch.empty(2, 4, 32, dtype=torch.float16))
+
+
+def test_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        extend_attention(q, k, v, None, None, CU, torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))

@@ -1,0 +1,96 @@
+"""Triton split-KV decode kernel (interpreter) against the reference."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from blasst_kernels import KernelOptions, TileState, decode_attention, decode_reference, log_lambda
+from helpers import REL_TOL, assert_maps_agree, make_batch, rel_err
+
+HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (576, 512)]
+
+
+def make_decode(lens, hq, hkv, dk, dv, page_size, dtype, gen):
+    """Contexts of ``lens`` tokens in a paged cache (peaked keys), plus one query per request."""
+    # The "prefix" is the context; the one new token's query is the decode query.
+    return make_batch(lens, [1] * len(lens), hq, hkv, dk, dv, page_size, dtype, gen, lean_per_kv_head=True)
+
+
+def check_decode(ctx, hq, scale_factor, splits, opts, dtype):
+    batch = len(ctx.prefix_lens)
+    kv_heads = ctx.k_buffer.shape[1]
+    out = torch.full((batch, hq, ctx.v_buffer.shape[2]), math.nan, dtype=dtype)
+    stats = torch.zeros(hq, 2, dtype=torch.int32)
+    num_splits = torch.tensor(splits, dtype=torch.int32)
+    out, skip_map = decode_attention(
+        ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
+        threshold_scale_factor=scale_factor, num_kv_splits=num_splits, max_kv_splits=max(splits),
+        stats=stats, return_skip_map=True, out=out, options=opts,
+    )
+    visited = skipped = 0
+    for b, length in enumerate(ctx.prefix_lens):
+        slots = ctx.kv_indices[int(ctx.kv_indptr[b]) : int(ctx.kv_indptr[b + 1])].long()
+        k, v = ctx.k_buffer[slots], ctx.v_buffer[slots]
+        kw = dict(log_lam=log_lambda(scale_factor, [length], hq)[0], block_n=opts.block_n, num_splits=splits[b])
+        ref = decode_reference(ctx.q[b], k, v, **kw)
+        assert_maps_agree(skip_map[b], ref.tile_state, ref.margin)
+        kmap = skip_map[b, :, : ref.tile_state.shape[1]]
+        replay = decode_reference(ctx.q[b], k, v, skip_override=kmap == TileState.SKIPPED, **kw)
+        assert rel_err(out[b], replay.out) < REL_TOL[dtype]
+        group = hq // kv_heads
+        visited += group * int((kmap != TileState.UNVISITED).sum())
+        skipped += group * int((kmap == TileState.SKIPPED).sum())
+    assert int(stats[:, 0].sum()) == visited and int(stats[:, 1].sum()) == skipped
+    return skipped / max(visited, 1)
+
+
+@pytest.mark.parametrize("dk,dv", HEAD_DIMS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_matches_reference(dk, dv, group, rng):
+    hkv = 1 if dk == 576 else random.choice([1, 2])
+    hq = hkv * group
+    dtype = random.choice([torch.float16, torch.float32])
+    lens = [random.randint(1, 200) for _ in range(3)]
+    splits = [random.randint(1, 4) for _ in lens]
+    ctx = make_decode(lens, hq, hkv, dk, dv, random.choice([1, 16]), dtype, rng)
+    check_decode(ctx, hq, 1.0, splits, KernelOptions(16, 16), dtype)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_mixed_sparsity_and_splits(page_size, rng):
+    hq, hkv = 8, 4
+    lens = [333, 64, 17, 1]
+    ctx = make_decode(lens, hq, hkv, 64, 64, page_size, torch.float32, rng)
+    sparsity = check_decode(ctx, hq, 4.0, [3, 2, 1, 4], KernelOptions(16, 16), torch.float32)
+    assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
+
+
+def test_decode_dense_matches_softmax(rng):
+    hq, hkv, d = 8, 2, 128
+    lens = [random.randint(1, 300) for _ in range(4)]
+    ctx = make_decode(lens, hq, hkv, d, d, 16, torch.float32, rng)
+    out = decode_attention(ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
+                           threshold_scale_factor=None, options=KernelOptions(16, 32))
+    for b in range(len(lens)):
+        slots = ctx.kv_indices[int(ctx.kv_indptr[b]) : int(ctx.kv_indptr[b + 1])].long()
+        k = ctx.k_buffer[slots].double().repeat_interleave(hq // hkv, 1)
+        v = ctx.v_buffer[slots].double().repeat_interleave(hq // hkv, 1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", ctx.q[b].double(), k) / math.sqrt(d), -1)
+        assert rel_err(out[b], torch.einsum("hl,lhd->hd", p, v)) < REL_TOL[torch.float32]
+
+
+def test_default_splits_need_no_sync_and_clamp(rng):
+    ctx = make_decode([500, 3], 4, 1, 64, 64, 1, torch.float32, rng)
+    out = decode_attention(ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
+                           threshold_scale_factor=2.0, max_kv_splits=3)
+    # Too many splits requested: clamped to max_kv_splits, still exact against the reference.
+    forced = decode_attention(ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
+                              threshold_scale_factor=None, num_kv_splits=torch.tensor([9, 9], dtype=torch.int32),
+                              max_kv_splits=2)
+    for b, length in enumerate([500, 3]):
+        slots = ctx.kv_indices[int(ctx.kv_indptr[b]) : int(ctx.kv_indptr[b + 1])].long()
+        ref = decode_reference(ctx.q[b], ctx.k_buffer[slots], ctx.v_buffer[slots], block_n=64, num_splits=2)
+        assert rel_err(forced[b], ref.out) < REL_TOL[torch.float32]
+    assert torch.isfinite(out).all()

@@ -1,0 +1,73 @@
+"""Properties of the reference itself: it is the spec, so check it against first principles."""
+
+import math
+
+import torch
+
+from blasst_kernels import TileState, decode_reference, prefill_reference
+
+
+def sdpa(q, k, v, prefix_len, causal=True):
+    hq, hkv = q.shape[1], k.shape[1]
+    e, lk = q.shape[0], k.shape[0]
+    mask = torch.arange(lk)[None, :] <= (prefix_len + torch.arange(e))[:, None] if causal else None
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(hq // hkv, 1).transpose(0, 1),
+        v.repeat_interleave(hq // hkv, 1).transpose(0, 1), attn_mask=mask,
+    ).transpose(0, 1)
+
+
+def test_dense_equals_sdpa(rng):
+    q = torch.randn(45, 6, 32, dtype=torch.float64, generator=rng)
+    k = torch.randn(45 + 30, 2, 32, dtype=torch.float64, generator=rng)
+    v = torch.randn(45 + 30, 2, 16, dtype=torch.float64, generator=rng)
+    for causal in (True, False):
+        r = prefill_reference(q, k, v, prefix_len=30, causal=causal, block_m=16, block_n=16)
+        assert torch.allclose(r.out, sdpa(q, k, v, 30, causal), atol=1e-12)
+        assert r.sparsity == 0.0
+
+
+def test_skipped_tiles_contribute_nothing(rng):
+    # A huge first key makes every later full tile negligible: output == attention over the
+    # computed tiles only, i.e. the exact softmax restricted to keys of computed tiles.
+    q = torch.randn(32, 1, 16, dtype=torch.float64, generator=rng).abs()
+    k = torch.randn(64, 1, 16, dtype=torch.float64, generator=rng) * 0.1
+    k[0] = 20.0
+    v = torch.randn(64, 1, 16, dtype=torch.float64, generator=rng)
+    r = prefill_reference(q, k, v, prefix_len=32, block_m=16, block_n=16, log_lam=torch.tensor(math.log(0.01)))
+    state = r.tile_state[0]
+    assert (state[:, 0] == TileState.COMPUTED).all()  # first tile never skipped
+    assert (state[:, 1] == TileState.SKIPPED).all()  # negligible prefix tile
+    assert (state[0, 2] == TileState.COMPUTED) and (state[1, 3] == TileState.COMPUTED)  # diagonals
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[16:32] = False
+    masked = sdpa(q, k[keep], v[keep], prefix_len=16)
+    assert torch.allclose(r.out, masked, atol=1e-12)
+    assert (r.margin[0][state == TileState.SKIPPED] < 0).all()
+
+
+def test_decode_group_decides_together(rng):
+    # Head 0 leans on the sink, head 1 does not: the group keeps every tile.
+    d = 16
+    k = torch.randn(96, 1, d, dtype=torch.float64, generator=rng) * 0.1
+    k[0] = 5.0
+    v = torch.randn(96, 1, d, dtype=torch.float64, generator=rng)
+    q_strong = torch.full((1, d), 1.0, dtype=torch.float64)
+    q_weak = torch.randn(1, d, dtype=torch.float64, generator=rng) * 0.01
+    lam = torch.tensor(math.log(0.01))
+    alone = decode_reference(q_strong, k, v, block_n=16, log_lam=lam)
+    together = decode_reference(torch.cat([q_strong, q_weak]), k, v, block_n=16, log_lam=lam)
+    assert alone.sparsity > 0.5 and together.sparsity == 0.0
+
+
+def test_decode_splits_restart_and_merge(rng):
+    q = torch.randn(4, 32, dtype=torch.float64, generator=rng)
+    k = torch.randn(150, 2, 32, dtype=torch.float64, generator=rng)
+    v = torch.randn(150, 2, 32, dtype=torch.float64, generator=rng)
+    one = decode_reference(q, k, v, block_n=16, num_splits=1)
+    many = decode_reference(q, k, v, block_n=16, num_splits=4)
+    assert torch.allclose(one.out, many.out, atol=1e-12) and torch.allclose(one.lse, many.lse, atol=1e-12)
+    k[0] = 50.0 * q[0] / q[0].norm()
+    sparse = decode_reference(q * 3, k, v, block_n=16, num_splits=4, log_lam=torch.tensor(math.log(0.5)))
+    # Split boundaries are at 48-key steps (3 tiles): each split's first tile is computed.
+    assert (sparse.tile_state[:, ::3] == TileState.COMPUTED).all()
