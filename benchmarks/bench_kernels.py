@@ -1,0 +1,295 @@
+"""GPU benchmark of the BLASST kernels: correctness against the reference, then speed.
+
+For each shape: our kernel dense (threshold 0) and at threshold scale factors that skip about
+50/70/90 % of tiles (found by bisection on the kernel's own counters), against the best dense
+kernels in the same run: cuDNN SDPA, FlashAttention-2 SDPA, FlashInfer (fa3 prefill, paged
+decode) and SGLang's triton kernels where they import. Inputs are synthetic sinks + local windows
+(``benchmarks/synthetic.py``), labelled as such.
+
+Usage (GPU machine)::
+
+    python benchmarks/bench_kernels.py [--quick] [--phase prefill|decode|all] [--out DIR]
+
+Prints one table last and writes ``bench_kernels_<device>_<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import traceback
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import baselines  # noqa: E402
+from synthetic import synthetic_qkv  # noqa: E402
+
+from blasst_kernels import (  # noqa: E402
+    TileState,
+    decode_attention,
+    decode_reference,
+    default_options,
+    log_lambda,
+    prefill_attention,
+    prefill_reference,
+)
+
+TARGETS = (0.5, 0.7, 0.9)
+SHARPNESS = (1.0, 1.6, 2.5)  # data sharpness levels tried, in order, to reach a target sparsity
+
+
+def bench(fn) -> float:
+    """Median milliseconds (CUDA events), after warm-up."""
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def env_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    info = {
+        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+        "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    info.update(baselines.versions())
+    return info
+
+
+# ---------------------------------------------------------------- prefill
+
+
+def prefill_inputs(lens, hq, hkv, d, sharpness, seed=0):
+    parts = [synthetic_qkv(n, hq, hkv, d, seed=seed + i, local_peak=16 * sharpness, sink_peak=18 * sharpness) for i, n in enumerate(lens)]
+    q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+    return q, k, v, cu
+
+
+def run_prefill(q, k, v, cu, max_len, factor, stats=None, options=None):
+    return prefill_attention(q, k, v, cu, max_seqlen=max_len, threshold_scale_factor=factor, stats=stats, options=options)
+
+
+def measured_sparsity(fn_with_stats, num_heads) -> float:
+    stats = torch.zeros(num_heads, 2, dtype=torch.int32, device="cuda")
+    fn_with_stats(stats)
+    s = stats.sum(0).tolist()
+    return s[1] / max(s[0], 1)
+
+
+def find_factor(fn_with_stats, num_heads, target, max_factor):
+    """Bisect log(scale factor) until the kernel's skipped fraction is within 2 % of ``target``."""
+    lo, hi = math.log(1e-4), math.log(max_factor)
+    best = None
+    for _ in range(18):
+        mid = (lo + hi) / 2
+        sp = measured_sparsity(lambda st: fn_with_stats(math.exp(mid), st), num_heads)
+        if best is None or abs(sp - target) < abs(best[1] - target):
+            best = (math.exp(mid), sp)
+        if abs(sp - target) < 0.02:
+            break
+        lo, hi = (mid, hi) if sp < target else (lo, mid)
+    return best
+
+
+def check_prefill(hq, hkv, d, length=1536):
+    """bf16 kernel vs the float32 reference on the GPU: skip maps and (replayed) outputs."""
+    q, k, v, cu = prefill_inputs([length, 700], hq, hkv, d, 1.6, seed=123)
+    opts = default_options(d, d, "prefill")
+    factor = 200.0
+    out, kmap = prefill_attention(q, k, v, cu, threshold_scale_factor=factor, return_skip_map=True, options=opts)
+    worst, disagree, total = 0.0, 0, 0
+    for b in range(2):
+        sl = slice(int(cu[b]), int(cu[b + 1]))
+        n = sl.stop - sl.start
+        lam = log_lambda(factor, torch.tensor([n]), hq)[0]
+        kw = dict(log_lam=lam, block_m=opts.block_m, block_n=opts.block_n, compute_dtype=torch.float32)
+        ref = prefill_reference(q[sl], k[sl], v[sl], **kw)
+        nq, nt = ref.tile_state.shape[1:]
+        m = kmap[b, :, :nq, :nt]
+        firm = ref.margin.isnan() | (ref.margin.abs() > 1e-2)
+        disagree += int(((m != ref.tile_state) & firm).sum())
+        total += int((m != TileState.UNVISITED).sum())
+        replay = prefill_reference(q[sl], k[sl], v[sl], skip_override=m == TileState.SKIPPED, **kw)
+        err = float((out[sl].float() - replay.out.float()).norm() / replay.out.float().norm())
+        worst = max(worst, err)
+    sparsity = float((kmap == TileState.SKIPPED).sum()) / max(total, 1)
+    return {"rel_err": worst, "map_disagreements": disagree, "tiles": total, "sparsity": sparsity,
+            "ok": worst < 2e-2 and disagree == 0}
+
+
+def prefill_rows(lens, hq, hkv, d, label):
+    rows = []
+    max_len = max(lens)
+    flops = sum(4.0 * n * n * hq * d / 2 for n in lens)  # causal: half of QKᵀ and P·V
+    q, k, v, cu = prefill_inputs(lens, hq, hkv, d, 1.0)
+    shape = {"lens": lens, "hq": hq, "hkv": hkv, "d": d, "label": label}
+    dense_ms = bench(lambda: run_prefill(q, k, v, cu, max_len, None))
+    rows.append({**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": dense_ms})
+    for name, fn in baselines.prefill_baselines(q, k, v, cu, max_len).items():
+        try:
+            rows.append({**shape, "kernel": name, "sparsity": 0.0, "ms": bench(fn)})
+        except Exception as exc:  # a baseline that fails is reported, not fatal
+            rows.append({**shape, "kernel": name, "error": repr(exc)[:300]})
+    # Threshold on but nothing skippable (factor tiny): the cost of the skip check itself.
+    rows.append({**shape, "kernel": "blasst skip-on, ~0%", "sparsity": measured_sparsity(
+        lambda st: run_prefill(q, k, v, cu, max_len, 1e-6, st), hq),
+        "ms": bench(lambda: run_prefill(q, k, v, cu, max_len, 1e-6))})
+    for target in TARGETS:
+        for sharp in SHARPNESS:
+            qs, ks, vs, cus = (q, k, v, cu) if sharp == 1.0 else prefill_inputs(lens, hq, hkv, d, sharp)
+            factor, sp = find_factor(lambda f, st: run_prefill(qs, ks, vs, cus, max_len, f, st), hq, target, min(lens) / 2)
+            if abs(sp - target) < 0.05:
+                break
+        ms = bench(lambda: run_prefill(qs, ks, vs, cus, max_len, factor))
+        rows.append({**shape, "kernel": f"blasst {int(target * 100)}%", "sparsity": sp, "ms": ms,
+                     "factor": factor, "data_sharpness": sharp})
+    for r in rows:
+        if "ms" in r:
+            r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+    return rows
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0):
+    """A paged cache of ``batch`` contexts of ``ctx`` tokens; q = each context's last query."""
+    n_pages = batch * (ctx // page_size)
+    perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed)).cuda()
+    slots = (perm[:, None] * page_size + torch.arange(page_size, device="cuda")[None]).reshape(batch, ctx)
+    k_buffer = torch.empty(n_pages * page_size, hkv, d, dtype=torch.bfloat16, device="cuda")
+    v_buffer = torch.empty_like(k_buffer)
+    q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+    # One synthetic context, rolled per request so requests differ but generation stays cheap.
+    qs, ks, vs = synthetic_qkv(ctx, hq, hkv, d, seed=seed, local_peak=16 * sharpness, sink_peak=18 * sharpness)
+    for b in range(batch):
+        shift = (b * 997) % ctx
+        k_buffer[slots[b]] = torch.roll(ks, shift, 0)
+        v_buffer[slots[b]] = torch.roll(vs, shift, 0)
+        q[b] = qs[(ctx - 1 + shift) % ctx]
+    kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
+    return q, k_buffer, v_buffer, kv_indptr, slots.reshape(-1).to(torch.int32), slots
+
+
+def check_decode(hq, hkv, d):
+    q, kb, vb, indptr, idx, slots = decode_inputs(4, 3000, hq, hkv, d, 16, 1.6, seed=7)
+    opts = default_options(d, d, "decode")
+    splits = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device="cuda")
+    factor = 300.0
+    out, kmap = decode_attention(q, kb, vb, indptr, idx, threshold_scale_factor=factor, num_kv_splits=splits,
+                                 max_kv_splits=4, return_skip_map=True, options=opts)
+    worst, disagree = 0.0, 0
+    for b in range(4):
+        s = slots[b].long()
+        kw = dict(log_lam=log_lambda(factor, torch.tensor([3000]), hq)[0], block_n=opts.block_n,
+                  num_splits=int(splits[b]), compute_dtype=torch.float32)
+        ref = decode_reference(q[b], kb[s], vb[s], **kw)
+        firm = ref.margin.isnan() | (ref.margin.abs() > 1e-2)
+        disagree += int(((kmap[b] != ref.tile_state) & firm).sum())
+        replay = decode_reference(q[b], kb[s], vb[s], skip_override=kmap[b] == TileState.SKIPPED, **kw)
+        worst = max(worst, float((out[b].float() - replay.out.float()).norm() / replay.out.float().norm()))
+    sparsity = float((kmap == TileState.SKIPPED).sum() / (kmap != TileState.UNVISITED).sum())
+    return {"rel_err": worst, "map_disagreements": disagree, "sparsity": sparsity, "ok": worst < 2e-2 and disagree == 0}
+
+
+def decode_rows(batch, ctx, hq, hkv, d, page_size):
+    shape = {"batch": batch, "ctx": ctx, "hq": hq, "hkv": hkv, "d": d, "page_size": page_size}
+    kv_bytes = 2 * batch * ctx * hkv * d * 2  # K and V, bf16
+    q, kb, vb, indptr, idx, _ = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0)
+    rows = [{**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": bench(lambda: decode_attention(q, kb, vb, indptr, idx))}]
+    for name, fn in baselines.decode_baselines(q, kb, vb, indptr, idx, page_size).items():
+        try:
+            rows.append({**shape, "kernel": name, "sparsity": 0.0, "ms": bench(fn)})
+        except Exception as exc:
+            rows.append({**shape, "kernel": name, "error": repr(exc)[:300]})
+    for target in TARGETS:
+        for sharp in SHARPNESS:
+            data = (q, kb, vb, indptr, idx) if sharp == 1.0 else decode_inputs(batch, ctx, hq, hkv, d, page_size, sharp)[:5]
+            factor, sp = find_factor(
+                lambda f, st: decode_attention(*data, threshold_scale_factor=f, stats=st), hq, target, ctx / 2)
+            if abs(sp - target) < 0.05:
+                break
+        ms = bench(lambda: decode_attention(*data, threshold_scale_factor=factor))
+        rows.append({**shape, "kernel": f"blasst {int(target * 100)}%", "sparsity": sp, "ms": ms, "factor": factor,
+                     "data_sharpness": sharp})
+    for r in rows:
+        if "ms" in r:
+            r["gbps"] = kv_bytes / (r["ms"] * 1e-3) / 1e9
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+
+def print_table(rows, base_names):
+    print(f"{'shape':44s} {'kernel':24s} {'spars':>6s} {'ms':>8s} {'TF/s|GB/s':>10s} {'vs best dense':>13s}")
+    groups = {}
+    for r in rows:
+        key = json.dumps({k: r[k] for k in r if k in ("lens", "hq", "hkv", "d", "batch", "ctx", "page_size")})
+        groups.setdefault(key, []).append(r)
+    for key, rs in groups.items():
+        dense = [r["ms"] for r in rs if r.get("kernel") in base_names and "ms" in r]
+        best = min(dense) if dense else None
+        for r in rs:
+            rate = r.get("tflops", r.get("gbps", float("nan")))
+            if "error" in r:
+                print(f"{key[:44]:44s} {r['kernel']:24s} error: {r['error'][:60]}")
+                continue
+            ratio = best / r["ms"] if best else float("nan")
+            print(f"{key[:44]:44s} {r['kernel']:24s} {r['sparsity']:6.2f} {r['ms']:8.3f} {rate:10.1f} {ratio:12.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--phase", choices=["prefill", "decode", "all"], default="all")
+    ap.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    info = env_info()
+    print(json.dumps(info))
+    result = {"env": info, "inputs": "synthetic sinks + local windows (benchmarks/synthetic.py)", "checks": {}, "rows": []}
+    hq, hkv, d = 32, 8, 128
+    if args.phase in ("prefill", "all"):
+        for dd in (64, 128):
+            result["checks"][f"prefill_d{dd}"] = check_prefill(hq, hkv, dd)
+            print("check prefill", dd, result["checks"][f"prefill_d{dd}"], flush=True)
+        lengths = (8192, 16384) if args.quick else (8192, 16384, 32768)
+        for n in lengths:
+            for label, (h, hk) in (("GQA 32/8", (32, 8)), ("MHA 32/32", (32, 32))):
+                if label.startswith("MHA") and args.quick:
+                    continue
+                try:
+                    result["rows"] += prefill_rows([n], h, hk, d, label)
+                except Exception:
+                    traceback.print_exc()
+                print(f"prefill {n} {label} done", flush=True)
+        if not args.quick:
+            result["rows"] += prefill_rows([8192, 4096, 2048, 1024, 1024], hq, hkv, d, "ragged GQA 32/8")
+    if args.phase in ("decode", "all"):
+        result["checks"]["decode_d128"] = check_decode(hq, hkv, d)
+        print("check decode", result["checks"]["decode_d128"], flush=True)
+        configs = [(32, 16384, 16), (128, 8192, 1)] if args.quick else [
+            (16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1)]
+        for batch, ctx, page in configs:
+            try:
+                result["rows"] += decode_rows(batch, ctx, hq, hkv, d, page)
+            except Exception:
+                traceback.print_exc()
+            print(f"decode {batch}x{ctx} page {page} done", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    name = f"bench_kernels_{info['device'].replace(' ', '_')}_{info['date'][:10]}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(result["rows"], baselines.DENSE_BASELINES)
+    print("checks:", {k: v["ok"] for k, v in result["checks"].items()})
+
+
+if __name__ == "__main__":
+    main()
