@@ -54,19 +54,21 @@ def prefill_baselines(q, k, v, cu, max_len) -> dict:
     except ImportError:
         pass
     try:
-        from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+        from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd  # sglang 0.5.17
 
         o = torch.empty_like(q)
         empty_kv = torch.zeros_like(cu)
         idx = torch.zeros(1, dtype=torch.int32, device=q.device)
         fns["sglang triton"] = lambda: extend_attention_fwd(
-            q, k, v, o, k, v, cu, empty_kv, idx, None, True, None, max_len, sm_scale=1 / math.sqrt(q.shape[2]))
+            q, k, v, o, k, v, cu, empty_kv, idx, None, True, None, max_len, 1.0, 1.0,
+            sm_scale=1 / math.sqrt(q.shape[2]))
     except ImportError:
         pass
     return fns
 
 
-def decode_baselines(q, k_buffer, v_buffer, kv_indptr, kv_indices, page_size) -> dict:
+def decode_baselines(q, k_buffer, v_buffer, kv_indptr, kv_indices, page_size, page_table, ctx) -> dict:
+    """``page_table`` ``(batch, pages)``: each request's pages; every request has ``ctx`` tokens."""
     batch, hq, d = q.shape
     hkv = k_buffer.shape[1]
     n_bytes = 2 * kv_indices.numel() * hkv * d * k_buffer.element_size()
@@ -79,17 +81,17 @@ def decode_baselines(q, k_buffer, v_buffer, kv_indptr, kv_indices, page_size) ->
 
         ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
         wrapper = flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
-        pages = kv_indices[::page_size] // page_size
-        page_indptr = kv_indptr // page_size
-        last = torch.full((batch,), page_size, dtype=torch.int32, device="cuda")
-        wrapper.plan(page_indptr, pages.to(torch.int32), last, hq, hkv, d, page_size, q_data_type=q.dtype, kv_data_type=k_buffer.dtype)
+        per_req = page_table.shape[1]
+        page_indptr = torch.arange(0, batch * per_req + 1, per_req, dtype=torch.int32, device="cuda")
+        last = torch.full((batch,), ctx - (per_req - 1) * page_size, dtype=torch.int32, device="cuda")
+        wrapper.plan(page_indptr, page_table.reshape(-1), last, hq, hkv, d, page_size, q_data_type=q.dtype, kv_data_type=k_buffer.dtype)
         kc = k_buffer.view(-1, page_size, hkv, d)
         vc = v_buffer.view(-1, page_size, hkv, d)
         fns["flashinfer decode"] = lambda: wrapper.run(q, (kc, vc))
     except ImportError:
         pass
     try:
-        from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd  # sglang 0.5.17
 
         max_splits = 16
         o = torch.empty_like(q)
@@ -97,7 +99,7 @@ def decode_baselines(q, k_buffer, v_buffer, kv_indptr, kv_indices, page_size) ->
         lse = torch.empty(batch, hq, max_splits, dtype=torch.float32, device="cuda")
         splits = torch.full((batch,), max_splits, dtype=torch.int32, device="cuda")
         fns["sglang triton"] = lambda: decode_attention_fwd(
-            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, logits, lse, splits, max_splits, 1 / math.sqrt(d))
+            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, logits, lse, splits, max_splits, 1 / math.sqrt(d), 1.0, 1.0)
     except ImportError:
         pass
     return fns

@@ -160,11 +160,15 @@ def prefill_rows(lens, hq, hkv, d, label):
 
 
 def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0):
-    """A paged cache of ``batch`` contexts of ``ctx`` tokens; q = each context's last query."""
-    n_pages = batch * (ctx // page_size)
-    perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed)).cuda()
-    slots = (perm[:, None] * page_size + torch.arange(page_size, device="cuda")[None]).reshape(batch, ctx)
-    k_buffer = torch.empty(n_pages * page_size, hkv, d, dtype=torch.bfloat16, device="cuda")
+    """A paged cache of ``batch`` contexts of ``ctx`` tokens (last page partial when ``ctx`` is odd).
+
+    Returns ``(q, k_buffer, v_buffer, kv_indptr, kv_indices)`` and the page table
+    ``(batch, pages_per_request)``; q is each context's last query.
+    """
+    per_req = -(-ctx // page_size)
+    perm = torch.randperm(batch * per_req, generator=torch.Generator().manual_seed(seed)).cuda().view(batch, per_req)
+    slots = (perm[:, :, None] * page_size + torch.arange(page_size, device="cuda")).reshape(batch, -1)[:, :ctx]
+    k_buffer = torch.empty(batch * per_req * page_size, hkv, d, dtype=torch.bfloat16, device="cuda")
     v_buffer = torch.empty_like(k_buffer)
     q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="cuda")
     # One synthetic context, rolled per request so requests differ but generation stays cheap.
@@ -175,11 +179,12 @@ def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0):
         v_buffer[slots[b]] = torch.roll(vs, shift, 0)
         q[b] = qs[(ctx - 1 + shift) % ctx]
     kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
-    return q, k_buffer, v_buffer, kv_indptr, slots.reshape(-1).to(torch.int32), slots
+    return (q, k_buffer, v_buffer, kv_indptr, slots.reshape(-1).to(torch.int32)), perm.to(torch.int32)
 
 
 def check_decode(hq, hkv, d):
-    q, kb, vb, indptr, idx, slots = decode_inputs(4, 3000, hq, hkv, d, 16, 1.6, seed=7)
+    (q, kb, vb, indptr, idx), _ = decode_inputs(4, 3001, hq, hkv, d, 16, 1.6, seed=7)
+    slots = idx.view(4, 3001)
     opts = default_options(d, d, "decode")
     splits = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device="cuda")
     factor = 300.0
@@ -188,7 +193,7 @@ def check_decode(hq, hkv, d):
     worst, disagree = 0.0, 0
     for b in range(4):
         s = slots[b].long()
-        kw = dict(log_lam=log_lambda(factor, torch.tensor([3000]), hq)[0], block_n=opts.block_n,
+        kw = dict(log_lam=log_lambda(factor, torch.tensor([3001]), hq)[0], block_n=opts.block_n,
                   num_splits=int(splits[b]), compute_dtype=torch.float32)
         ref = decode_reference(q[b], kb[s], vb[s], **kw)
         firm = ref.margin.isnan() | (ref.margin.abs() > 1e-2)
@@ -202,16 +207,16 @@ def check_decode(hq, hkv, d):
 def decode_rows(batch, ctx, hq, hkv, d, page_size):
     shape = {"batch": batch, "ctx": ctx, "hq": hq, "hkv": hkv, "d": d, "page_size": page_size}
     kv_bytes = 2 * batch * ctx * hkv * d * 2  # K and V, bf16
-    q, kb, vb, indptr, idx, _ = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0)
-    rows = [{**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": bench(lambda: decode_attention(q, kb, vb, indptr, idx))}]
-    for name, fn in baselines.decode_baselines(q, kb, vb, indptr, idx, page_size).items():
+    dense_data, page_table = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0)
+    rows = [{**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": bench(lambda: decode_attention(*dense_data))}]
+    for name, fn in baselines.decode_baselines(*dense_data, page_size, page_table, ctx).items():
         try:
             rows.append({**shape, "kernel": name, "sparsity": 0.0, "ms": bench(fn)})
         except Exception as exc:
             rows.append({**shape, "kernel": name, "error": repr(exc)[:300]})
     for target in TARGETS:
         for sharp in SHARPNESS:
-            data = (q, kb, vb, indptr, idx) if sharp == 1.0 else decode_inputs(batch, ctx, hq, hkv, d, page_size, sharp)[:5]
+            data = dense_data if sharp == 1.0 else decode_inputs(batch, ctx, hq, hkv, d, page_size, sharp)[0]
             factor, sp = find_factor(
                 lambda f, st: decode_attention(*data, threshold_scale_factor=f, stats=st), hq, target, ctx / 2)
             if abs(sp - target) < 0.05:
@@ -229,7 +234,7 @@ def decode_rows(batch, ctx, hq, hkv, d, page_size):
 
 
 def print_table(rows, base_names):
-    print(f"{'shape':44s} {'kernel':24s} {'spars':>6s} {'ms':>8s} {'TF/s|GB/s':>10s} {'vs best dense':>13s}")
+    print(f"{'shape':44s} {'kernel':24s} {'spars':>6s} {'ms':>8s} {'TF/s|GB/s':>10s} {'vs best dense':>13s} {'vs own dense':>12s}")
     groups = {}
     for r in rows:
         key = json.dumps({k: r[k] for k in r if k in ("lens", "hq", "hkv", "d", "batch", "ctx", "page_size")})
@@ -237,13 +242,15 @@ def print_table(rows, base_names):
     for key, rs in groups.items():
         dense = [r["ms"] for r in rs if r.get("kernel") in base_names and "ms" in r]
         best = min(dense) if dense else None
+        own = next((r["ms"] for r in rs if r.get("kernel") == "blasst dense"), None)
         for r in rs:
             rate = r.get("tflops", r.get("gbps", float("nan")))
             if "error" in r:
                 print(f"{key[:44]:44s} {r['kernel']:24s} error: {r['error'][:60]}")
                 continue
             ratio = best / r["ms"] if best else float("nan")
-            print(f"{key[:44]:44s} {r['kernel']:24s} {r['sparsity']:6.2f} {r['ms']:8.3f} {rate:10.1f} {ratio:12.2f}x")
+            ratio_own = own / r["ms"] if own else float("nan")
+            print(f"{key[:44]:44s} {r['kernel']:24s} {r['sparsity']:6.2f} {r['ms']:8.3f} {rate:10.1f} {ratio:12.2f}x {ratio_own:11.2f}x")
 
 
 def main():

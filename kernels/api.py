@@ -63,12 +63,14 @@ class KernelOptions:
 def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions:
     """Defaults by shape only (never by device), so CPU skip maps match the GPU kernels'."""
     if phase == "decode":
-        return KernelOptions(16, 32 if head_dim > 256 else 64, num_warps=4, num_stages=2)
+        return KernelOptions(16, 32 if head_dim > 256 else 64, num_warps=4, num_stages=3)
     if head_dim > 256:
         return KernelOptions(32, 32, num_warps=4, num_stages=1)
     if head_dim > 128:
         return KernelOptions(64, 64, num_warps=8, num_stages=2)
-    return KernelOptions(128, 64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+    if head_dim > 64:
+        return KernelOptions(128, 128, num_warps=8, num_stages=2)  # H100: 460 TF/s vs 430 for 128x64
+    return KernelOptions(128, 64, num_warps=4, num_stages=3)
 
 
 def _interpreting() -> bool:

@@ -3,7 +3,9 @@
 Stage 1: one program per (request, KV head, KV split) holds the queries of every head of the KV
 group as the rows of one ``tl.dot`` (a KV tile is loaded once for the whole group). After
 ``S = QKᵀ`` the tile is skipped when every head of the group has ``m̃ − m < log2 λ``: then its V
-rows are never read. Each split keeps its own online softmax, so its first tile is never skipped.
+rows are never read. Decode is memory-bound, so the skip is a predicate on the V load rather than
+a branch (a branch would stop the compiler from pipelining the K loads). Each split keeps its own
+online softmax, so its first tile is never skipped.
 Stage 2: merge the splits of each query head by log-sum-exp.
 """
 
@@ -75,19 +77,23 @@ def decode_split_kernel(
             qk += tl.dot(q_pe, k_pe)
         qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
         m_ij = tl.max(qk, 1)
-        keep = 1
         if SKIP:
-            # Keep the tile when any head of the group may matter (first tile: m = −inf).
-            matters = (m_ij - m_i >= log2_lam) & h_ok
-            keep = tl.max(matters.to(tl.int32), 0)
-        if keep:
-            m_new = tl.maximum(m_i, m_ij)
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            # Keep the tile when any head of the group may matter (first tile: m = −inf). The loop
+            # stays branch-free so K loads keep their pipelining; a skipped tile's V load is
+            # predicated off (no memory traffic) and its update is a no-op (p = 0, alpha = 1).
+            keep = tl.max(((m_ij - m_i >= log2_lam) & h_ok).to(tl.int32), 0)
+            v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None] & (keep > 0), other=0.0)
+            m_new = tl.where(keep > 0, tl.maximum(m_i, m_ij), m_i)
+            p = tl.math.exp2(qk - m_new[:, None]) * keep.to(tl.float32)
+        else:
+            keep = 1
             v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_new = tl.maximum(m_i, m_ij)
+            p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
         n_seen += 1
         n_skip += 1 - keep
         if RECORD_MAP:

@@ -33,7 +33,8 @@ def _attn_tiles(
     lo, hi, seg_len, key_pos0,
     map_ptr, tile0, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
-    GATHER: tl.constexpr, DIAGONAL: tl.constexpr, SKIP: tl.constexpr, RECORD_MAP: tl.constexpr,
+    GATHER: tl.constexpr, DIAGONAL: tl.constexpr, MASK_N: tl.constexpr, SKIP: tl.constexpr,
+    RECORD_MAP: tl.constexpr,
 ):
     """Key tiles ``[lo, hi)`` of one segment (segment-local positions; ``seg_len`` real keys)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -45,7 +46,10 @@ def _attn_tiles(
             rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
         else:
             rows = offs_n.to(tl.int64)
-        k = tl.load(K + rows[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        if MASK_N:
+            k = tl.load(K + rows[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            k = tl.load(K + rows[None, :] * stride_kt + offs_d[:, None])
         qk = tl.dot(q, k)
         if BLOCK_DPE > 0:
             offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
@@ -53,10 +57,9 @@ def _attn_tiles(
             qk += tl.dot(q_pe, k_pe)
         qk = qk * qk_scale  # log2 domain: sm_scale / ln 2
         if DIAGONAL:
-            visible = n_ok[None, :] & (key_pos0 + offs_n[None, :] <= row_pos[:, None])
-        else:
-            visible = n_ok[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
+            qk = tl.where(n_ok[None, :] & (key_pos0 + offs_n[None, :] <= row_pos[:, None]), qk, float("-inf"))
+        elif MASK_N:
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
         m_ij = tl.max(qk, 1)
         keep = 1
         if SKIP:
@@ -134,7 +137,7 @@ def extend_fwd_kernel(
         acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
         K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
         0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, SKIP, RECORD_MAP,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP,
     )
     # Stage 2: new tokens left of the diagonal (all of them when not causal).
     K_seg = K_ext + q_start.to(tl.int64) * stride_kt + kv_head * stride_kh
@@ -144,7 +147,7 @@ def extend_fwd_kernel(
         acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
         K_seg, V_seg, stride_kt, stride_vt, kv_indices,
         0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, SKIP, RECORD_MAP,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP,
     )
     # Stage 3: the diagonal tiles, masked and never skipped.
     if CAUSAL:
@@ -153,7 +156,7 @@ def extend_fwd_kernel(
             K_seg, V_seg, stride_kt, stride_vt, kv_indices,
             off_hi, tl.minimum(off_hi + BLOCK_M, ext_len), ext_len, prefix_len,
             map_row, n_prefix_tiles + off_hi // BLOCK_N, qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, False, RECORD_MAP,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, True, False, RECORD_MAP,
         )
 
     out = acc / l_i[:, None]
