@@ -79,6 +79,7 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.replace(tmp, out_dir)  # atomic: a concurrent loader sees all of the folder or none
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
