@@ -10,8 +10,8 @@ Layouts follow SGLang's triton backend. A batch of ``B`` sequences is ragged:
   ``page_size`` tokens are runs of consecutive slots, as SGLang's triton backend lays them out.
 
 ``threshold_scale_factor`` (FlashInfer's name): ``λ = factor / kv_len`` per sequence; ``None`` or ``0``
-is dense; a float or one float per query head (a device tensor is used as is, so that CUDA graphs
-can capture the call). See :mod:`blasst_kernels.threshold`.
+is dense; a float or one float per query head. A float32 CUDA tensor ``(Hq,)`` is used as is, with
+no host sync, so CUDA graphs can capture the call. See :mod:`blasst_kernels.threshold`.
 """
 
 from __future__ import annotations
@@ -111,12 +111,16 @@ def _head_dims(dk: int, dv: int) -> Tuple[int, int, int]:
 
 
 def _scale_tensor(factor: Union[ScaleFactor, torch.Tensor], num_heads: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The per-head float32 factor tensor on ``device``, or ``None`` when dense."""
+    """The per-head float32 factor tensor on ``device``, or ``None`` when dense.
+
+    A float32 tensor already on a CUDA ``device`` is used as is, with no value check (that would
+    cost a device sync per call): validate it once with :func:`validate_scale_factor`. Should it
+    hold NaN or negative entries anyway, the kernels treat those heads as dense.
+    """
     if isinstance(factor, torch.Tensor) and factor.device == device and factor.dtype == torch.float32:
         if factor.shape != (num_heads,):
             raise ValueError(f"Invalid shape of threshold_scale_factor: expected ({num_heads},), got {tuple(factor.shape)}")
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
+        if device.type != "cuda":
             validate_scale_factor(factor, num_heads, "threshold_scale_factor")
         return factor
     values = validate_scale_factor(factor, num_heads, "threshold_scale_factor")
@@ -299,6 +303,8 @@ def decode_attention(
     stats: Optional[torch.Tensor] = None,
     return_skip_map: bool = False,
     out: Optional[torch.Tensor] = None,
+    partial_out: Optional[torch.Tensor] = None,
+    partial_lse: Optional[torch.Tensor] = None,
     options: Optional[KernelOptions] = None,
 ):
     """BLASST split-KV decode: one new token per request over its paged KV.
@@ -316,6 +322,9 @@ def decode_attention(
             are added to each of its heads.
         return_skip_map: also return an int8 ``(B, Hkv, ceil(max_kv_len / block_n))`` TileState map.
         out: optional ``(B, Hq, Dv)`` output buffer.
+        partial_out, partial_lse: optional float32 workspaces of at least
+            ``(B, Hq, max_kv_splits, Dv)`` / ``(B, Hq, max_kv_splits)`` for the per-split results
+            (SGLang's ``attn_logits`` / ``attn_lse``); allocated per call when omitted.
         options: tile sizes (``block_n``); default :func:`default_options`.
 
     Returns:
@@ -358,13 +367,21 @@ def decode_attention(
         out = torch.empty(batch, num_heads, dv, dtype=q.dtype, device=device)
     elif out.shape != (batch, num_heads, dv) or out.dtype != q.dtype or out.device != device:
         raise ValueError(f"Invalid out: expected ({batch}, {num_heads}, {dv}) {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if partial_out is None or partial_lse is None:
+        partial_out = torch.empty(batch, num_heads, max_kv_splits, dv, dtype=torch.float32, device=device)
+        partial_lse = torch.empty(batch, num_heads, max_kv_splits, dtype=torch.float32, device=device)
+    for name, t, shape in (("partial_out", partial_out, (batch, num_heads, max_kv_splits, dv)),
+                           ("partial_lse", partial_lse, (batch, num_heads, max_kv_splits))):
+        _check_tensor(name, t, len(shape), device, (torch.float32,))
+        if any(have < need for have, need in zip(t.shape, shape)):
+            raise ValueError(f"Invalid shape of {name}: expected at least {shape}, got {tuple(t.shape)}")
     skip_map = None
     if return_skip_map:
         n_t = -(-int((kv_indptr[1:] - kv_indptr[:-1]).max()) // opts.block_n) if batch else 0
         skip_map = torch.zeros(batch, kv_heads, max(n_t, 1), dtype=torch.int8, device=device)
     if batch:
         launch_decode(
-            q, k_buffer, v_buffer, out, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
+            q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
             scale if scale is not None else torch.zeros(1, device=device), stats, skip_map,
             sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), skip=scale is not None,
             block_h=max(16, _next_pow2(group)), block_n=opts.block_n,

@@ -141,16 +141,12 @@ def decode_merge_kernel(
 
 
 def launch_decode(
-    q, k_buffer, v_buffer, out, kv_indptr, kv_indices, num_splits, max_splits, scale, stats, skip_map,
-    *, sm_scale, skip, block_h, block_n, block_d, block_dpe, block_dv, num_warps, num_stages,
+    q, k_buffer, v_buffer, out, part_o, part_lse, kv_indptr, kv_indices, num_splits, max_splits, scale, stats,
+    skip_map, *, sm_scale, skip, block_h, block_n, block_d, block_dpe, block_dv, num_warps, num_stages,
 ):
     """Launch both decode stages; arguments are validated by :mod:`blasst_kernels.api`."""
-    import torch
-
     batch, num_heads = q.shape[0], q.shape[1]
     kv_heads = k_buffer.shape[1]
-    part_o = torch.empty(batch, num_heads, max_splits, block_dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
     map_strides = skip_map.stride()[:2] if skip_map is not None else (0, 0)
     decode_split_kernel[(batch, kv_heads, max_splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits,

@@ -94,3 +94,19 @@ def test_default_splits_need_no_sync_and_clamp(rng):
         ref = decode_reference(ctx.q[b], ctx.k_buffer[slots], ctx.v_buffer[slots], block_n=64, num_splits=2)
         assert rel_err(forced[b], ref.out) < REL_TOL[torch.float32]
     assert torch.isfinite(out).all()
+
+
+def test_caller_workspaces_are_used(rng):
+    # SGLang hands its own (max_bs, Hq, max_splits, Dv) buffers; results must not depend on them.
+    hq, hkv, d = 4, 2, 64
+    ctx = make_decode([150, 40], hq, hkv, d, d, 1, torch.float32, rng)
+    args = (ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices)
+    kw = dict(threshold_scale_factor=2.0, num_kv_splits=torch.tensor([3, 2], dtype=torch.int32), max_kv_splits=3,
+              options=KernelOptions(16, 16))
+    part_o = torch.full((5, hq, 4, d), math.nan)
+    part_lse = torch.full((5, hq, 4), math.nan)
+    own = decode_attention(*args, **kw)
+    given = decode_attention(*args, partial_out=part_o, partial_lse=part_lse, **kw)
+    assert torch.equal(own, given) and torch.isfinite(part_lse[:2, :, :2]).all()
+    with pytest.raises(ValueError, match="partial_out"):
+        decode_attention(*args, partial_out=part_o[:, :, :2], partial_lse=part_lse, **kw)
