@@ -1,0 +1,690 @@
+"""Calibration of the BLASST threshold scale factor: which factor gives a target sparsity.
+
+BLASST skips a tile when every row has ``m̃ − m < ln λ`` with ``λ = s / L`` (``s``: the threshold
+scale factor, ``L``: the sequence's KV length). Sparsity grows with ``λ·L = s`` roughly
+exponentially, so calibration fits ``λ·L = a · exp(b · sparsity)`` (least squares on ``ln(λ·L)``)
+and the factor for a target sparsity ``t`` is ``a · exp(b · t)``.
+
+Measurements come from dense model runs: each calibration text at each length is run once, and
+every attention call evaluates ~20 log-spaced factors in one pass (sweep skip maps, see
+:func:`blasst_kernels.reference.prefill_skip_sweep` and
+:func:`blasst_kernels.reference.decode_skip_sweep`). Decode sparsity follows the decode kernel's
+rule (the query heads of a KV group decide together, each KV split's first tile is computed): each
+of the last ``decode_steps`` positions of a text is treated as one decode step over its prefix.
+
+Besides the one law for the whole model, every layer and every head gets its own law, so each
+layer/head can be given its own factor for the same target (``granularity``).
+
+The result is a versioned JSON file (:meth:`Calibration.save`, :func:`load_calibration`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from blasst_kernels.reference import TileState, decode_skip_sweep, prefill_skip_sweep
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "PHASES",
+    "GRANULARITIES",
+    "ExpFit",
+    "PhaseCalibration",
+    "Calibration",
+    "TileCounts",
+    "calibrate",
+    "calibration_windows",
+    "fit_exponential",
+    "fit_phase",
+    "load_calibration",
+    "load_model",
+    "model_shape",
+    "plot_calibration",
+]
+
+FORMAT = "blasst-calibration"
+VERSION = 1
+PHASES = ("prefill", "decode")
+GRANULARITIES = ("uniform", "layer", "head")
+#: Points outside this sparsity range are dropped before fitting (the law bends at both ends).
+SPARSITY_RANGE = (0.10, 0.90)
+#: A layer or head needs this many usable points for a law of its own (else it inherits one).
+MIN_OWN_POINTS = 3
+#: Factors are capped here: far above any context length, where λ ≥ 1 means dense anyway.
+MAX_SCALE_FACTOR = 1e9
+
+
+def _finite(value, what: str) -> float:
+    """``value`` as a finite float, else ``ValueError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ExpFit:
+    """``λ·L = a · exp(b · sparsity)``, fitted on ``n_points`` points with coefficient ``r2`` (on ``ln λL``).
+
+    ``fallback`` is True when the layer/head had fewer than two usable points and inherits its
+    parent's law (the model's for a layer, the layer's for a head).
+    """
+
+    a: float
+    b: float
+    r2: float
+    n_points: int
+    fallback: bool = False
+
+    def scale_factor(self, target_sparsity: float) -> float:
+        """The threshold scale factor ``s = λ·L`` expected to give ``target_sparsity`` (at most
+        :data:`MAX_SCALE_FACTOR`)."""
+        return min(self.a * math.exp(min(self.b * target_sparsity, 700.0)), MAX_SCALE_FACTOR)
+
+    def to_json(self) -> dict:
+        return {"a": self.a, "b": self.b, "r2": self.r2, "n_points": self.n_points, "fallback": self.fallback}
+
+    @classmethod
+    def from_json(cls, d, where: str) -> "ExpFit":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object with a, b, r2, n_points, got {d!r}")
+        try:
+            a, b, r2, n = (d[key] for key in ("a", "b", "r2", "n_points"))
+        except KeyError as exc:
+            raise ValueError(f"{where}: missing field {exc.args[0]!r}") from None
+        a = _finite(a, f"{where}.a")
+        if a <= 0:
+            raise ValueError(f"{where}.a must be > 0, got {a}")
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{where}.n_points must be a non-negative integer, got {n!r}")
+        return cls(a, _finite(b, f"{where}.b"), _finite(r2, f"{where}.r2"), n, bool(d.get("fallback", False)))
+
+
+def fit_exponential(scale_factors: torch.Tensor, sparsity: torch.Tensor) -> ExpFit:
+    """Least-squares fit of ``ln(λL) = ln a + b · sparsity`` on the non-degenerate points.
+
+    Args:
+        scale_factors: ``(N,)`` positive factors ``λ·L`` that were measured.
+        sparsity: ``(N,)`` skipped / visited tiles measured at each factor.
+
+    Points with sparsity outside :data:`SPARSITY_RANGE` are dropped. Raises ``ValueError`` when
+    fewer than two points with distinct sparsity remain.
+    """
+    s = torch.as_tensor(scale_factors, dtype=torch.float64).flatten()
+    y = torch.as_tensor(sparsity, dtype=torch.float64).flatten()
+    if s.shape != y.shape:
+        raise ValueError(f"scale_factors and sparsity differ in length: {s.numel()} vs {y.numel()}")
+    keep = (s > 0) & torch.isfinite(s) & (y >= SPARSITY_RANGE[0]) & (y <= SPARSITY_RANGE[1])
+    x, ln_s = y[keep], torch.log(s[keep])
+    if x.numel() < 2 or float(x.max() - x.min()) < 1e-9:
+        raise ValueError(
+            f"need at least two points with distinct sparsity in {SPARSITY_RANGE}, got {int(keep.sum())} "
+            f"(measured sparsity {y.min().item() if y.numel() else float('nan'):.3f}–"
+            f"{y.max().item() if y.numel() else float('nan'):.3f}); widen the factor sweep"
+        )
+    x_mean, y_mean = x.mean(), ln_s.mean()
+    b = float(((x - x_mean) * (ln_s - y_mean)).sum() / ((x - x_mean) ** 2).sum())
+    ln_a = float(y_mean - b * x_mean)
+    resid = ln_s - (ln_a + b * x)
+    total = float(((ln_s - y_mean) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / total if total > 0 else 1.0
+    return ExpFit(math.exp(ln_a), b, r2, int(x.numel()))
+
+
+@dataclass
+class TileCounts:
+    """Tile counts of one phase over the calibration runs.
+
+    Attributes:
+        lengths: the ``n_len`` calibration lengths (tokens).
+        scale_factors: ``(n_len, S)`` float64 factors ``λ·L`` swept at each length.
+        skipped: ``(n_len, S, num_layers, num_heads)`` float64 skipped tiles per query head.
+        visited: ``(n_len, num_layers, num_heads)`` float64 visited tiles (the same for every factor).
+    """
+
+    lengths: List[int]
+    scale_factors: torch.Tensor
+    skipped: torch.Tensor
+    visited: torch.Tensor
+
+    def sparsity(self, dims: Sequence[int]) -> torch.Tensor:
+        """Sparsity ``(n_len, S, ...)`` after summing skipped/visited over ``dims`` of (layer, head) = (0, 1)."""
+        sk, vi = self.skipped, self.visited
+        if dims:
+            sk = sk.sum(dim=tuple(2 + d for d in dims))
+            vi = vi.sum(dim=tuple(1 + d for d in dims))
+        return sk / vi.clamp(min=1)[:, None]
+
+
+@dataclass
+class PhaseCalibration:
+    """The fitted laws of one phase.
+
+    Attributes:
+        fit: the model-wide law (one factor for every layer and head).
+        layer_fits: ``num_layers`` laws. head_fits: ``num_layers`` lists of ``num_heads`` laws.
+        lengths: calibration lengths. points: ``[length, λ·L, sparsity]`` model-wide measurements
+            (degenerate ones included; the fit drops them).
+    """
+
+    fit: ExpFit
+    layer_fits: List[ExpFit]
+    head_fits: List[List[ExpFit]]
+    lengths: List[int]
+    points: List[List[float]] = field(default_factory=list)
+
+    def scale_factors(self, target_sparsity: float, granularity: str) -> torch.Tensor:
+        """``(num_layers, num_heads)`` float32 factors for ``target_sparsity`` at ``granularity``."""
+        num_layers, num_heads = len(self.head_fits), len(self.head_fits[0])
+        if granularity == "uniform":
+            return torch.full((num_layers, num_heads), self.fit.scale_factor(target_sparsity), dtype=torch.float32)
+        if granularity == "layer":
+            per_layer = torch.tensor([f.scale_factor(target_sparsity) for f in self.layer_fits], dtype=torch.float32)
+            return per_layer[:, None].expand(num_layers, num_heads).contiguous()
+        if granularity == "head":
+            return torch.tensor([[f.scale_factor(target_sparsity) for f in row] for row in self.head_fits], dtype=torch.float32)
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def fit_phase(counts: TileCounts) -> PhaseCalibration:
+    """Fit the model-wide, per-layer and per-head laws of one phase from its tile counts.
+
+    A layer (head) with fewer than :data:`MIN_OWN_POINTS` usable points, or whose sparsity does not
+    grow with the factor (``b <= 0``), inherits the model's (its layer's) law, flagged ``fallback``.
+    Raises ``ValueError`` when even the model-wide law cannot be fitted.
+    """
+    n_len, S = counts.skipped.shape[:2]
+    xs = counts.scale_factors.to(torch.float64).expand(n_len, S)
+    overall = counts.sparsity((0, 1))  # (n_len, S)
+    fit = fit_exponential(xs, overall)
+
+    def fit_or(parent: ExpFit, sparsity: torch.Tensor) -> ExpFit:
+        try:
+            own = fit_exponential(xs, sparsity)
+        except ValueError:
+            own = None
+        if own is None or own.n_points < MIN_OWN_POINTS or own.b <= 0:
+            return ExpFit(parent.a, parent.b, parent.r2, 0 if own is None else own.n_points, fallback=True)
+        return own
+
+    per_layer = counts.sparsity((1,))  # (n_len, S, num_layers)
+    per_head = counts.sparsity(())  # (n_len, S, num_layers, num_heads)
+    layer_fits = [fit_or(fit, per_layer[..., i]) for i in range(per_layer.shape[-1])]
+    head_fits = [
+        [fit_or(layer_fits[i], per_head[..., i, h]) for h in range(per_head.shape[-1])]
+        for i in range(per_head.shape[-2])
+    ]
+    points = [
+        [counts.lengths[li], float(xs[li, j]), float(overall[li, j])] for li in range(n_len) for j in range(S)
+    ]
+    return PhaseCalibration(fit, layer_fits, head_fits, list(counts.lengths), points)
+
+
+@dataclass
+class Calibration:
+    """Fitted threshold-scale-factor laws of one model, per phase (``"prefill"``, ``"decode"``).
+
+    Attributes:
+        model_id: the model's name or path. num_layers, num_heads (query), num_kv_heads, head_dim:
+            its attention shape; factors are ``(num_layers, num_heads)``.
+        block_m, block_n: prefill tile sizes measured; decode_block_n, decode_splits: decode's.
+        phases: phase name -> :class:`PhaseCalibration`.
+        target_sparsity: the target asked for when calibrating (its factors are written to the JSON).
+    """
+
+    model_id: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_m: int
+    block_n: int
+    decode_block_n: int
+    decode_splits: int
+    phases: Dict[str, PhaseCalibration]
+    target_sparsity: Optional[float] = None
+
+    def phase(self, phase: str) -> PhaseCalibration:
+        """The laws of ``phase``; ``ValueError`` saying how to get them when it was not calibrated."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if phase not in self.phases:
+            raise ValueError(
+                f"calibration of {self.model_id} has no {phase!r} phase (has {sorted(self.phases)}); "
+                f"run `blasst calibrate --phase {phase}` (or --phase both)"
+            )
+        return self.phases[phase]
+
+    def scale_factors(self, phase: str, target_sparsity: float, granularity: str = "head") -> torch.Tensor:
+        """Threshold scale factors for ``target_sparsity`` in ``phase``.
+
+        Args:
+            phase: ``"prefill"`` or ``"decode"``.
+            target_sparsity: skipped / visited tiles wanted, in [0, 1); 0 gives zeros (dense).
+            granularity: ``"uniform"`` (one factor), ``"layer"`` (one per layer) or ``"head"``
+                (one per layer and query head; decode heads of a KV group share their group's law).
+
+        Returns:
+            ``(num_layers, num_heads)`` float32 CPU tensor.
+        """
+        target = _finite(target_sparsity, "target_sparsity")
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target}")
+        table = self.phase(phase).scale_factors(target, granularity)
+        return torch.zeros_like(table) if target == 0.0 else table
+
+    def check_model_shape(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """``ValueError`` when the calibration was made for a model of another attention shape."""
+        mine = (self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+        theirs = (num_layers, num_heads, num_kv_heads, head_dim)
+        if mine != theirs:
+            raise ValueError(
+                f"calibration of {self.model_id} is for (num_layers, num_heads, num_kv_heads, head_dim) = {mine}, "
+                f"the model has {theirs}; calibrate this model with `blasst calibrate`"
+            )
+
+    def to_json(self) -> dict:
+        out = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {
+                "id": self.model_id,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+            },
+            "blocks": {
+                "block_m": self.block_m,
+                "block_n": self.block_n,
+                "decode_block_n": self.decode_block_n,
+                "decode_splits": self.decode_splits,
+            },
+            "law": "lambda * L = a * exp(b * sparsity)",
+            "target_sparsity": self.target_sparsity,
+            "phases": {},
+        }
+        for name, ph in self.phases.items():
+            entry = {
+                **ph.fit.to_json(),
+                "lengths": ph.lengths,
+                "points": ph.points,
+                "layer_fits": [f.to_json() for f in ph.layer_fits],
+                "head_fits": [[f.to_json() for f in row] for row in ph.head_fits],
+            }
+            if self.target_sparsity is not None:
+                entry["scale_factor"] = {
+                    g: (
+                        float(ph.scale_factors(self.target_sparsity, g)[0, 0])
+                        if g == "uniform"
+                        else ph.scale_factors(self.target_sparsity, g)[:, 0].tolist()
+                        if g == "layer"
+                        else ph.scale_factors(self.target_sparsity, g).tolist()
+                    )
+                    for g in GRANULARITIES
+                }
+            out["phases"][name] = entry
+        return out
+
+    def save(self, path) -> None:
+        """Write the calibration as JSON to ``path`` (parent folders are created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+
+    @classmethod
+    def from_json(cls, d) -> "Calibration":
+        """Parse and validate :meth:`to_json`'s layout; ``ValueError`` naming the first problem."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a BLASST calibration: format is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("version") != VERSION:
+            raise ValueError(f"unsupported calibration version {d.get('version')!r} (this code reads version {VERSION})")
+
+        def section(name) -> dict:
+            value = d.get(name)
+            if not isinstance(value, dict):
+                raise ValueError(f"missing or malformed {name!r} section")
+            return value
+
+        def positive_int(sec: dict, key: str, where: str) -> int:
+            value = sec.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
+            return value
+
+        model, blocks = section("model"), section("blocks")
+        if not isinstance(model.get("id"), str):
+            raise ValueError(f"model.id must be a string, got {model.get('id')!r}")
+        shape = [positive_int(model, k, "model") for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")]
+        num_layers, num_heads = shape[0], shape[1]
+        block_values = [positive_int(blocks, k, "blocks") for k in ("block_m", "block_n", "decode_block_n", "decode_splits")]
+        target = d.get("target_sparsity")
+        target = None if target is None else _finite(target, "target_sparsity")
+        phases_json = section("phases")
+        if not phases_json:
+            raise ValueError("calibration has no phase (expected 'prefill' and/or 'decode')")
+        phases = {}
+        for name, ph in phases_json.items():
+            where = f"phases.{name}"
+            if name not in PHASES:
+                raise ValueError(f"unknown phase {name!r} (expected one of {PHASES})")
+            if not isinstance(ph, dict):
+                raise ValueError(f"{where} must be an object")
+            fit = ExpFit.from_json(ph, where)
+            layer_fits, head_fits = ph.get("layer_fits"), ph.get("head_fits")
+            if not isinstance(layer_fits, list) or len(layer_fits) != num_layers:
+                raise ValueError(f"{where}.layer_fits must list num_layers={num_layers} fits")
+            if not isinstance(head_fits, list) or len(head_fits) != num_layers or any(
+                not isinstance(row, list) or len(row) != num_heads for row in head_fits
+            ):
+                raise ValueError(f"{where}.head_fits must be num_layers x num_heads = {num_layers} x {num_heads} fits")
+            lengths = ph.get("lengths")
+            if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
+                raise ValueError(f"{where}.lengths must be a list of positive integers, got {lengths!r}")
+            points = ph.get("points", [])
+            if not isinstance(points, list) or any(not isinstance(p, list) or len(p) != 3 for p in points):
+                raise ValueError(f"{where}.points must be a list of [length, scale_factor, sparsity]")
+            points = [[_finite(v, f"{where}.points[{i}]") for v in p] for i, p in enumerate(points)]
+            phases[name] = PhaseCalibration(
+                fit,
+                [ExpFit.from_json(f, f"{where}.layer_fits[{i}]") for i, f in enumerate(layer_fits)],
+                [[ExpFit.from_json(f, f"{where}.head_fits[{i}][{h}]") for h, f in enumerate(row)] for i, row in enumerate(head_fits)],
+                lengths,
+                points,
+            )
+        return cls(model["id"], *shape, *block_values, phases, target)
+
+
+def load_calibration(path, *, model_shape: Optional[Sequence[int]] = None) -> Calibration:
+    """Read a calibration JSON written by :meth:`Calibration.save`.
+
+    Args:
+        path: the JSON file.
+        model_shape: optional ``(num_layers, num_heads, num_kv_heads, head_dim)`` of the model it
+            will be used with; a mismatch raises.
+
+    Raises:
+        ValueError: naming the problem (unreadable JSON, wrong format or version, NaN/inf, missing
+            phase or field, other model shape).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(), parse_constant=lambda c: _reject_constant(c, path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        calib = Calibration.from_json(data)
+        if model_shape is not None:
+            calib.check_model_shape(*model_shape)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return calib
+
+
+def _reject_constant(constant: str, path: Path):
+    raise ValueError(f"{path}: calibration contains {constant}; every number must be finite")
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring: dense model runs that record sweep skip maps
+# --------------------------------------------------------------------------------------------
+
+#: Name under which the capturing attention function is registered with transformers.
+_CAPTURE_IMPL = "blasst_calibration_capture"
+
+
+@contextmanager
+def capture_qk(model, callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Run ``model`` with dense SDPA attention, calling ``callback(layer, q, k)`` in every attention call.
+
+    ``q`` is ``(E, Hq, D)`` (the call's new tokens, RoPE applied) and ``k`` is ``(L, Hkv, D)`` (the
+    whole context), float32, of the batch's only sequence.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[0] != 1:
+            raise ValueError(f"calibration runs one sequence at a time, got a batch of {query.shape[0]}")
+        callback(module.layer_idx, query[0].transpose(0, 1).float(), key[0].transpose(0, 1).float())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_CAPTURE_IMPL, attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_CAPTURE_IMPL)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def calibration_windows(tokenizer, length: int, count: int, skip_tokens: int = 0) -> List[torch.Tensor]:
+    """``count`` disjoint ``(1, length)`` int64 windows of the essay corpus, after its first ``skip_tokens``.
+
+    Consecutive windows of plain text (no chat template): attention over real prose.
+    """
+    from .text import essays
+
+    need = skip_tokens + count * length
+    text = essays()
+    ids = tokenizer(text[: 8 * need], add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < need:
+        raise ValueError(f"{count} windows of {length} tokens after {skip_tokens} need {need} tokens; the essays have {len(ids)}")
+    return [torch.tensor([ids[skip_tokens + i * length : skip_tokens + (i + 1) * length]]) for i in range(count)]
+
+
+@dataclass
+class _Accumulator:
+    """Skipped/visited tile counts of one phase while the runs go: skipped ``(n_len, S, layers, heads)``."""
+
+    skipped: torch.Tensor
+    visited: torch.Tensor
+
+    def add(self, length_index: int, layer: int, maps: torch.Tensor, group: int = 1) -> None:
+        """Add int8 sweep maps ``(S, H, ...)``; ``group`` > 1 broadcasts KV-head maps to query heads."""
+        flat = maps.flatten(2).cpu()
+        skipped = (flat == int(TileState.SKIPPED)).sum(-1).double().repeat_interleave(group, dim=1)
+        visited = (flat[0] != int(TileState.UNVISITED)).sum(-1).double().repeat_interleave(group, dim=0)
+        self.skipped[length_index, :, layer] += skipped
+        self.visited[length_index, layer] += visited
+
+
+def model_shape(model) -> tuple:
+    """``(num_layers, num_heads, num_kv_heads, head_dim)`` of a transformers model's attention."""
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+
+
+def calibrate(
+    model,
+    tokenizer,
+    *,
+    target_sparsity: float = 0.7,
+    phase: str = "both",
+    lengths: Sequence[int] = (1024, 2048, 4096),
+    texts_per_length: int = 1,
+    n_lambdas: int = 20,
+    lambda_range: tuple = (1e-5, 0.9),
+    block_m: int = 64,
+    block_n: int = 64,
+    decode_block_n: int = 64,
+    decode_splits: int = 1,
+    decode_steps: int = 16,
+    model_id: Optional[str] = None,
+    progress: bool = True,
+) -> Calibration:
+    """Measure sparsity against the threshold scale factor on ``model`` and fit the laws.
+
+    Args:
+        model: a Hugging Face causal LM (Llama-like attention, ``layer_idx`` on attention modules).
+        tokenizer: its tokenizer (calibration texts are essay windows, see :func:`calibration_windows`).
+        target_sparsity: the target whose factors are written with the calibration.
+        phase: ``"prefill"``, ``"decode"`` or ``"both"``.
+        lengths: calibration sequence lengths in tokens.
+        texts_per_length: disjoint windows run at each length.
+        n_lambdas: thresholds λ swept, log-spaced over ``lambda_range`` (λ < 1: λ ≥ 1 is dense),
+            all evaluated in one pass per run; at length ``L`` they are the factors ``λ·L``.
+        block_m, block_n: prefill tile sizes; decode_block_n, decode_splits: decode's.
+        decode_steps: the last positions of each window treated as decode steps.
+        model_id: name recorded in the file (default: the model's ``name_or_path``).
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`Calibration` with the requested phases.
+    """
+    from tqdm.auto import tqdm
+
+    phases = PHASES if phase == "both" else (phase,)
+    if phase != "both" and phase not in PHASES:
+        raise ValueError(f"phase must be 'prefill', 'decode' or 'both', got {phase!r}")
+    lengths = sorted(int(n) for n in lengths)
+    if not lengths or lengths[0] <= max(block_n, decode_steps):
+        raise ValueError(f"lengths must be longer than block_n and decode_steps, got {lengths}")
+    if not 0 < lambda_range[0] < lambda_range[1] < 1:
+        raise ValueError(f"lambda_range must be 0 < low < high < 1, got {lambda_range}")
+    num_layers, num_heads, num_kv_heads, head_dim = model_shape(model)
+    group = num_heads // num_kv_heads
+    lams = torch.logspace(math.log10(lambda_range[0]), math.log10(lambda_range[1]), n_lambdas, dtype=torch.float64)
+    factors = lams[None, :] * torch.tensor(lengths, dtype=torch.float64)[:, None]  # (n_len, S)
+    acc = {
+        p: _Accumulator(
+            torch.zeros(len(lengths), n_lambdas, num_layers, num_heads, dtype=torch.float64),
+            torch.zeros(len(lengths), num_layers, num_heads, dtype=torch.float64),
+        )
+        for p in phases
+    }
+    length_index = 0  # the run's length; on_attention reads it at call time
+
+    def on_attention(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        kv_len = k.shape[0]
+        log_factors = torch.log(factors[length_index])
+        if "prefill" in acc:
+            maps = prefill_skip_sweep(q, k, log_factors - math.log(kv_len), block_m=block_m, block_n=block_n)
+            acc["prefill"].add(length_index, layer, maps)
+        if "decode" in acc:
+            for step in range(decode_steps):
+                pos = kv_len - decode_steps + step  # this step's query sees keys [0, pos]
+                maps = decode_skip_sweep(
+                    q[q.shape[0] - kv_len + pos], k[: pos + 1], log_factors - math.log(pos + 1),
+                    block_n=decode_block_n, num_splits=decode_splits,
+                )
+                acc["decode"].add(length_index, layer, maps, group)
+
+    runs = [(i, w) for i, n in enumerate(lengths) for w in calibration_windows(tokenizer, n, texts_per_length)]
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    with capture_qk(model, on_attention), torch.inference_mode():
+        for i, ids in tqdm(runs, desc="calibrate", unit="text", disable=not progress):
+            length_index = i
+            base(input_ids=ids.to(model.device), use_cache=False)
+    fitted = {p: fit_phase(TileCounts(lengths, factors, a.skipped, a.visited)) for p, a in acc.items()}
+    return Calibration(
+        model_id or getattr(model.config, "name_or_path", "") or type(model).__name__,
+        num_layers, num_heads, num_kv_heads, head_dim,
+        block_m, block_n, decode_block_n, decode_splits, fitted, float(target_sparsity),
+    )
+
+
+def plot_calibration(calib: Calibration, path) -> None:
+    """Measured sparsity against ``λ·L`` (one series per length) and the fitted law, one panel per phase."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(calib.phases), 4.4))
+    axes = fig.subplots(1, len(calib.phases), squeeze=False)[0]
+    for ax, (name, ph) in zip(axes, calib.phases.items()):
+        pts = torch.tensor(ph.points, dtype=torch.float64)
+        for n in ph.lengths:
+            sel = pts[pts[:, 0] == n]
+            ax.plot(sel[:, 1], sel[:, 2], "o", ms=4, label=f"L = {n}")
+        y = torch.linspace(SPARSITY_RANGE[0], SPARSITY_RANGE[1], 50, dtype=torch.float64)
+        fit = ph.fit
+        ax.plot(fit.a * torch.exp(fit.b * y), y, "k-", label=f"{fit.a:.3g}·exp({fit.b:.3g}·sparsity), R²={fit.r2:.3f}")
+        ax.axhspan(0, SPARSITY_RANGE[0], color="gray", alpha=0.12)
+        ax.axhspan(SPARSITY_RANGE[1], 1, color="gray", alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xlabel("threshold scale factor λ·L")
+        ax.set_ylabel("sparsity (skipped / visited tiles)")
+        ax.set_title(f"{calib.model_id}: {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(spec: str, gguf_file: Optional[str] = None, device: str = "cpu"):
+    """``(model, tokenizer, model_id)`` for ``--model``: ``smollm2`` (the packaged GGUF) or a local
+    Hugging Face folder (``gguf_file``: a GGUF file inside it). float32 on ``device``, eval mode."""
+    if spec == "smollm2":
+        from .model import load_smollm2
+
+        model, tok = load_smollm2(device=device)
+        return model, tok, "SmolLM2-135M-Instruct"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(spec).exists():
+        raise ValueError(f"--model must be 'smollm2' or an existing local folder, got {spec!r}")
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(spec, **extra)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation="sdpa", **extra)
+    return model.to(device).eval(), tok, Path(spec).name + (f"/{gguf_file}" if gguf_file else "")
+
+
+def add_model_arguments(parser) -> None:
+    """``--model`` and ``--gguf-file``, shared by the calibrate and eval commands."""
+    parser.add_argument("--model", required=True, help="'smollm2' (packaged SmolLM2-135M-Instruct GGUF) or a local HF model folder")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder (transformers needs the accelerate package for it)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu; on cuda BLASST runs the Triton kernels)")
+
+
+def _run_calibrate(args) -> int:
+    model, tok, model_id = load_model(args.model, args.gguf_file, args.device)
+    calib = calibrate(
+        model, tok, target_sparsity=args.target_sparsity, phase=args.phase, lengths=args.lengths,
+        texts_per_length=args.texts, n_lambdas=args.n_lambdas, lambda_range=(args.lambda_min, args.lambda_max), block_m=args.block_m, block_n=args.block_n,
+        decode_block_n=args.decode_block_n, decode_splits=args.decode_splits, decode_steps=args.decode_steps,
+        model_id=model_id,
+    )
+    calib.save(args.out)
+    plot_calibration(calib, Path(args.out).with_suffix(".png"))
+    for name, ph in calib.phases.items():
+        factor = ph.fit.scale_factor(args.target_sparsity)
+        print(f"{name}: lambda*L = {ph.fit.a:.4g} * exp({ph.fit.b:.4g} * sparsity)  R^2={ph.fit.r2:.3f}  "
+              f"({ph.fit.n_points} points); factor for {args.target_sparsity:g}: {factor:.4g}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    """Add ``blasst calibrate`` to an argparse ``subparsers`` object (see :mod:`blasst_sglang.cli`)."""
+    p = subparsers.add_parser("calibrate", help="fit the threshold scale factor law of a model (CPU)")
+    add_model_arguments(p)
+    p.add_argument("--target-sparsity", type=float, default=0.7, help="target whose factors are written (default 0.7)")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="calibration lengths in tokens")
+    p.add_argument("--texts", type=int, default=2, help="essay windows per length (default 2)")
+    p.add_argument("--n-lambdas", type=int, default=20, help="thresholds λ swept per run, log-spaced (default 20)")
+    p.add_argument("--lambda-min", type=float, default=1e-5, help="smallest λ swept (default 1e-5)")
+    p.add_argument("--lambda-max", type=float, default=0.9, help="largest λ swept, < 1 (default 0.9)")
+    p.add_argument("--block-m", type=int, default=64)
+    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--decode-block-n", type=int, default=64)
+    p.add_argument("--decode-splits", type=int, default=1)
+    p.add_argument("--decode-steps", type=int, default=16, help="last positions of each text measured as decode steps")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.set_defaults(run=_run_calibrate)

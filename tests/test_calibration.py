@@ -1,0 +1,208 @@
+"""Calibration: the exponential fit, the JSON file and its validation, and a tiny real-model run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from blasst_sglang.calibration import (
+    FORMAT,
+    MAX_SCALE_FACTOR,
+    Calibration,
+    ExpFit,
+    TileCounts,
+    fit_exponential,
+    fit_phase,
+    load_calibration,
+)
+
+NUM_LAYERS, NUM_HEADS = 3, 4
+
+
+def synthetic_counts(rng, a=0.8, b=6.0, noise=0.0) -> TileCounts:
+    """Counts whose sparsity follows ``s = a·exp(b·sparsity)`` exactly (layer i, head h: a·(1 + i + h/10))."""
+    factors = torch.logspace(-2, 3, 20, dtype=torch.float64)
+    lengths = [256, 512]
+    visited = torch.full((len(lengths), NUM_LAYERS, NUM_HEADS), 1000.0, dtype=torch.float64)
+    a_lh = a * (1 + torch.arange(NUM_LAYERS)[:, None] + torch.arange(NUM_HEADS)[None, :] / 10).double()
+    sparsity = torch.log(factors[:, None, None] / a_lh) / b  # (S, layers, heads)
+    sparsity = sparsity + noise * torch.randn(sparsity.shape, generator=rng, dtype=torch.float64)
+    skipped = (sparsity.clamp(0, 1) * 1000.0)[None].expand(len(lengths), -1, -1, -1).clone()
+    return TileCounts(lengths, factors, skipped, visited)
+
+
+def test_fit_recovers_known_law(rng):
+    a, b = 0.37, 5.5
+    sparsity = torch.rand(40, generator=rng, dtype=torch.float64) * 0.8 + 0.1
+    fit = fit_exponential(a * torch.exp(b * sparsity), sparsity)
+    assert fit.a == pytest.approx(a, rel=1e-9) and fit.b == pytest.approx(b, rel=1e-9)
+    assert fit.r2 == pytest.approx(1.0) and fit.n_points == 40
+    assert fit.scale_factor(0.7) == pytest.approx(a * math.exp(b * 0.7))
+
+
+def test_fit_drops_degenerate_points_and_tolerates_noise(rng):
+    a, b = 2.0, 4.0
+    sparsity = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+    factors = a * torch.exp(b * sparsity) * torch.exp(0.05 * torch.randn(101, generator=rng, dtype=torch.float64))
+    factors[sparsity < 0.1] = 1e6  # garbage in the degenerate ranges must not matter
+    factors[sparsity > 0.9] = 1e-6
+    fit = fit_exponential(factors, sparsity)
+    assert fit.n_points == 81
+    assert fit.a == pytest.approx(a, rel=0.1) and fit.b == pytest.approx(b, rel=0.05) and fit.r2 > 0.95
+
+
+def test_fit_needs_two_points():
+    with pytest.raises(ValueError, match="at least two points"):
+        fit_exponential(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.01, 0.95, 0.5]))
+
+
+def test_fit_phase_per_layer_and_head(rng):
+    counts = synthetic_counts(rng)
+    ph = fit_phase(counts)
+    heads = ph.scale_factors(0.5, "head")
+    expected = 0.8 * (1 + torch.arange(NUM_LAYERS)[:, None] + torch.arange(NUM_HEADS)[None, :] / 10) * math.exp(3.0)
+    assert heads.shape == (NUM_LAYERS, NUM_HEADS) and heads.dtype == torch.float32
+    torch.testing.assert_close(heads, expected.float(), rtol=2e-3, atol=0)
+    assert all(f.b == pytest.approx(6.0, rel=1e-3) for row in ph.head_fits for f in row)
+    assert ph.scale_factors(0.5, "uniform").unique().numel() == 1
+    layer = ph.scale_factors(0.5, "layer")
+    assert (layer[:, :1] == layer).all() and (layer[1:, 0] > layer[:-1, 0]).all()
+    with pytest.raises(ValueError, match="granularity"):
+        ph.scale_factors(0.5, "token")
+
+
+def test_head_without_usable_points_inherits_its_layer(rng):
+    counts = synthetic_counts(rng)
+    counts.skipped[:, :, 1, 2] = 0.0  # this head never becomes sparse
+    ph = fit_phase(counts)
+    assert ph.head_fits[1][2].fallback and ph.head_fits[1][2].n_points == 0
+    assert ph.head_fits[1][2].a == ph.layer_fits[1].a
+
+
+def test_factors_stay_finite_for_wild_fits(rng):
+    counts = synthetic_counts(rng)
+    # Two usable points one factor step apart: b would be huge; the head falls back to its layer.
+    counts.skipped[:, :, 0, 0] = 0.0
+    counts.skipped[0, 10:12, 0, 0] = torch.tensor([100.0, 101.0])
+    ph = fit_phase(counts)
+    assert ph.head_fits[0][0].fallback and ph.head_fits[0][0].n_points == 2
+    wild = ExpFit(1.0, 5000.0, 1.0, 3)
+    assert wild.scale_factor(0.9) == MAX_SCALE_FACTOR
+
+
+def make_calibration(rng, phases=("prefill", "decode")) -> Calibration:
+    fitted = fit_phase(synthetic_counts(rng, noise=0.01))
+    return Calibration("test-model", NUM_LAYERS, NUM_HEADS, 2, 64, 64, 64, 64, 1, {p: fitted for p in phases}, 0.7)
+
+
+def test_json_round_trip(rng, tmp_path):
+    calib = make_calibration(rng)
+    path = tmp_path / "sub" / "calib.json"
+    calib.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT and data["model"]["num_kv_heads"] == 2
+    assert len(data["phases"]["prefill"]["scale_factor"]["head"]) == NUM_LAYERS
+    back = load_calibration(path, model_shape=(NUM_LAYERS, NUM_HEADS, 2, 64))
+    assert back == calib
+    for g in ("uniform", "layer", "head"):
+        assert torch.equal(back.scale_factors("decode", 0.6, g), calib.scale_factors("decode", 0.6, g))
+
+
+def corrupt(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(format="something-else"), "not a BLASST calibration"),
+        (lambda d: d.update(version=99), "unsupported calibration version 99"),
+        (lambda d: d["phases"]["prefill"].update(a=float("nan")), "NaN"),
+        (lambda d: d["phases"]["prefill"]["head_fits"][0][0].update(b=float("inf")), "Infinity"),
+        (lambda d: d["phases"].clear(), "no phase"),
+        (lambda d: d["phases"]["prefill"].pop("b"), "missing field 'b'"),
+        (lambda d: d["phases"]["prefill"]["head_fits"].pop(), "head_fits must be"),
+        (lambda d: d["model"].update(num_layers=0), "model.num_layers must be a positive integer"),
+    ],
+)
+def test_bad_files_fail_clearly(rng, tmp_path, edit, message):
+    path = tmp_path / "calib.json"
+    make_calibration(rng).save(path)
+    corrupt(path, edit)
+    with pytest.raises(ValueError, match=message):
+        load_calibration(path)
+
+
+def test_not_json_and_other_model_and_missing_phase(rng, tmp_path):
+    path = tmp_path / "calib.json"
+    path.write_text("{ not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_calibration(path)
+    make_calibration(rng, phases=("prefill",)).save(path)
+    with pytest.raises(ValueError, match=r"the model has \(30, 9, 3, 64\)"):
+        load_calibration(path, model_shape=(30, 9, 3, 64))
+    calib = load_calibration(path)
+    with pytest.raises(ValueError, match="no 'decode' phase"):
+        calib.scale_factors("decode", 0.5)
+    with pytest.raises(ValueError, match=r"target_sparsity must be in \[0, 1\)"):
+        calib.scale_factors("prefill", 1.5)
+    assert (calib.scale_factors("prefill", 0.0) == 0).all()  # target 0: dense
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from blasst_sglang.model import find_gguf, load_smollm2
+
+    try:
+        find_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_smollm2()
+
+
+def test_capture_keeps_the_model_exact(smollm2):
+    from blasst_sglang.calibration import calibration_windows, capture_qk
+
+    model, tok = smollm2
+    (ids,) = calibration_windows(tok, 96, 1, skip_tokens=100)
+    seen = []
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        with capture_qk(model, lambda layer, q, k: seen.append((layer, q.shape, k.shape))):
+            out = model(input_ids=ids).logits
+    assert torch.equal(out, ref) and model.config._attn_implementation == "sdpa"
+    assert seen == [(i, (96, 9, 64), (96, 3, 64)) for i in range(30)]
+
+
+def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
+    from blasst_sglang.calibration import calibrate
+
+    model, tok = smollm2
+    calib = calibrate(
+        model, tok, lengths=(256, 512), n_lambdas=10, lambda_range=(1e-4, 0.9), decode_steps=4,
+        model_id="smollm2-test", progress=False,
+    )
+    assert (calib.num_layers, calib.num_heads, calib.num_kv_heads, calib.head_dim) == (30, 9, 3, 64)
+    for phase in ("prefill", "decode"):
+        fit = calib.phases[phase].fit
+        assert fit.n_points >= 2 and fit.b > 0 and math.isfinite(fit.r2)
+        # Points: 2 lengths x 10 thresholds, sparsity rising with the factor at each length.
+        sparsity = torch.tensor([p[2] for p in calib.phases[phase].points]).view(2, 10)
+        assert (sparsity.diff(dim=1) >= 0).all()
+        heads = calib.scale_factors(phase, 0.3, "head")
+        assert heads.shape == (30, 9) and torch.isfinite(heads).all() and (heads > 0).all()
+    # Decode heads of one KV group share their group's law.
+    decode = calib.scale_factors("decode", 0.3, "head").view(30, 3, 3)
+    assert (decode == decode[:, :, :1]).all()
+    calib.save(tmp_path / "c.json")
+    assert load_calibration(tmp_path / "c.json", model_shape=(30, 9, 3, 64)) == calib
+
+
+def test_cli_registers_calibrate():
+    from blasst_sglang.cli import build_parser
+
+    args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--phase", "decode", "--lengths", "512", "1024", "--out", "c.json"])
+    assert args.phase == "decode" and args.lengths == [512, 1024] and args.target_sparsity == 0.7 and callable(args.run)
