@@ -22,4 +22,7 @@ def test_tutorial_runs(path, monkeypatch):
 
 
 def test_there_are_tutorials():
-    assert {p.name for p in TUTORIALS} >= {"01_blasst_in_one_picture.ipynb", "02_skip_maps_real_model.ipynb"}
+    assert {p.name for p in TUTORIALS} >= {
+        "01_blasst_in_one_picture.ipynb", "02_skip_maps_real_model.ipynb",
+        "03_calibration.ipynb", "04_serving_with_sglang.ipynb",
+    }
