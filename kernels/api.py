@@ -129,6 +129,15 @@ def _scale_tensor(factor: Union[ScaleFactor, torch.Tensor], num_heads: int, devi
     return values.to(torch.float32).expand(num_heads).contiguous().to(device)
 
 
+def _output(out: Optional[torch.Tensor], shape: Tuple[int, ...], q: torch.Tensor) -> torch.Tensor:
+    """``out`` checked against ``shape`` and ``q``'s dtype/device, or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    if tuple(out.shape) != shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"Invalid out: expected {shape} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def _check_indptr(name: str, t: torch.Tensor, batch: Optional[int], device) -> int:
     _check_tensor(name, t, 1, device, (torch.int32, torch.int64))
     if batch is not None and t.shape[0] != batch + 1:
@@ -221,10 +230,7 @@ def extend_attention(
     opts = options or default_options(dk, dv, "prefill")
     if opts.block_m % opts.block_n:
         raise ValueError(f"block_m ({opts.block_m}) must be a multiple of block_n ({opts.block_n}) for prefill")
-    if out is None:
-        out = torch.empty(n_tokens, num_heads, dv, dtype=q.dtype, device=device)
-    elif out.shape != (n_tokens, num_heads, dv) or out.dtype != q.dtype or out.device != device:
-        raise ValueError(f"Invalid out: expected ({n_tokens}, {num_heads}, {dv}) {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    out = _output(out, (n_tokens, num_heads, dv), q)
     if max_extend_len is None:
         max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if batch else 0
     skip_map = None
@@ -363,10 +369,7 @@ def decode_attention(
             raise ValueError(f"Invalid shape of num_kv_splits: expected ({batch},), got {tuple(num_kv_splits.shape)}")
     scale = _scale_tensor(threshold_scale_factor, num_heads, device)
     stats = _stats_tensor(stats, num_heads, device)
-    if out is None:
-        out = torch.empty(batch, num_heads, dv, dtype=q.dtype, device=device)
-    elif out.shape != (batch, num_heads, dv) or out.dtype != q.dtype or out.device != device:
-        raise ValueError(f"Invalid out: expected ({batch}, {num_heads}, {dv}) {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    out = _output(out, (batch, num_heads, dv), q)
     if partial_out is None or partial_lse is None:
         partial_out = torch.empty(batch, num_heads, max_kv_splits, dv, dtype=torch.float32, device=device)
         partial_lse = torch.empty(batch, num_heads, max_kv_splits, dtype=torch.float32, device=device)

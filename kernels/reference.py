@@ -301,6 +301,33 @@ def decode_split_len(kv_len: int, num_splits: int, block_n: int) -> int:
     return max(-(-per // block_n) * block_n, block_n)
 
 
+def _decode_row_sets(q, k, num_splits, block_n, compute_dtype):
+    """Row sets of one decode request (one per KV head and split) and the layout to undo them.
+
+    Returns ``(q_rs, row_args, ns, tps, nt)``: ``q_rs (Hkv·ns, G, Dk)``, ``row_args`` the
+    per-row-set inputs of :func:`_blocked_online_softmax` from ``row_kv_head`` to ``tile_full``,
+    ``ns`` splits of ``tps`` tiles each, ``nt = ceil(L / block_n)`` real tiles.
+    """
+    Hq, Dk = q.shape
+    L, Hkv, _ = k.shape
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    group, dev = Hq // Hkv, q.device
+    split_len = decode_split_len(L, num_splits, block_n)
+    ns, tps = -(-L // split_len), split_len // block_n
+    pos = torch.arange(ns * split_len, device=dev).view(ns, tps, block_n)
+    tiles = torch.where(pos < L, pos, torch.full_like(pos, -1))
+    q_rs = q.to(compute_dtype).view(Hkv, 1, group, Dk).expand(Hkv, ns, group, Dk).reshape(Hkv * ns, group, Dk)
+    row_args = (
+        torch.arange(Hkv, device=dev).repeat_interleave(ns),
+        torch.full((Hkv * ns, group), L, device=dev),
+        torch.ones(Hkv * ns, group, dtype=torch.bool, device=dev),
+        tiles.repeat(Hkv, 1, 1),
+        torch.ones(Hkv * ns, tps, dtype=torch.bool, device=dev),
+    )
+    return q_rs, row_args, ns, tps, -(-L // block_n)
+
+
 def decode_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -332,20 +359,11 @@ def decode_reference(
         ``tile_state``/``margin`` of shape ``(Hkv, ceil(L / block_n))``.
     """
     Hq, Dk = q.shape
-    L, Hkv, _ = k.shape
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    group = Hq // Hkv
+    Hkv = k.shape[1]
     sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
     dev = q.device
-    split_len = decode_split_len(L, num_splits, block_n)
-    ns = -(-L // split_len)
-    tps = split_len // block_n
-    pos = torch.arange(ns * split_len, device=dev).view(ns, tps, block_n)
-    tiles = torch.where(pos < L, pos, torch.full_like(pos, -1))
-    nt = -(-L // block_n)
-
-    q_rs = q.to(compute_dtype).view(Hkv, 1, group, Dk).expand(Hkv, ns, group, Dk).reshape(Hkv * ns, group, Dk)
+    q_rs, row_args, ns, tps, nt = _decode_row_sets(q, k, num_splits, block_n, compute_dtype)
+    group = Hq // Hkv
     if log_lam is None:
         log_lam = torch.full((Hq,), -math.inf)
     log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=dev).expand(Hq)
@@ -355,19 +373,8 @@ def decode_reference(
         padded = torch.zeros(Hkv, ns * tps, dtype=torch.bool, device=dev)
         padded[:, :nt] = skip_override.to(dev)
         override = padded.view(Hkv * ns, tps)
-    kv_head = torch.arange(Hkv, device=dev).repeat_interleave(ns)
     acc, m_i, l_i, state, margin = _blocked_online_softmax(
-        q_rs,
-        k.permute(1, 0, 2),
-        v.permute(1, 0, 2),
-        kv_head,
-        torch.full((Hkv * ns, group), L, device=dev),
-        torch.ones(Hkv * ns, group, dtype=torch.bool, device=dev),
-        tiles.repeat(Hkv, 1, 1),
-        torch.ones(Hkv * ns, tps, dtype=torch.bool, device=dev),
-        lam_rs,
-        sm_scale,
-        override,
+        q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), *row_args, lam_rs, sm_scale, override
     )
     # Merge the splits of each KV head by log-sum-exp.
     out_s, lse_s = _finish(acc, m_i, l_i)
@@ -408,29 +415,15 @@ def decode_skip_sweep(
         int8 ``(S, Hkv, ceil(L / block_n))`` TileState maps, one per threshold.
     """
     Hq, Dk = q.shape
-    L, Hkv, _ = k.shape
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    group = Hq // Hkv
+    Hkv = k.shape[1]
     sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
-    dev = q.device
-    split_len = decode_split_len(L, num_splits, block_n)
-    ns = -(-L // split_len)
-    tps = split_len // block_n
-    pos = torch.arange(ns * split_len, device=dev).view(ns, tps, block_n)
-    tiles = torch.where(pos < L, pos, torch.full_like(pos, -1))
-    lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=dev)
+    q_rs, row_args, ns, tps, nt = _decode_row_sets(q, k, num_splits, block_n, compute_dtype)
+    group = Hq // Hkv
+    lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=q.device)
     lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
     lam_rs = lams.view(-1, Hkv, 1, group).expand(-1, Hkv, ns, group).reshape(-1, Hkv * ns, group)
-    q_rs = q.to(compute_dtype).view(Hkv, 1, group, Dk).expand(Hkv, ns, group, Dk).reshape(Hkv * ns, group, Dk)
     k_heads = k.permute(1, 0, 2)
     _, _, _, state, _ = _blocked_online_softmax(
-        q_rs, k_heads, k_heads,
-        torch.arange(Hkv, device=dev).repeat_interleave(ns),
-        torch.full((Hkv * ns, group), L, device=dev),
-        torch.ones(Hkv * ns, group, dtype=torch.bool, device=dev),
-        tiles.repeat(Hkv, 1, 1),
-        torch.ones(Hkv * ns, tps, dtype=torch.bool, device=dev),
-        lam_rs, sm_scale, None, with_output=False,
+        q_rs, k_heads, k_heads, *row_args, lam_rs, sm_scale, None, with_output=False
     )
-    return state.view(-1, Hkv, ns * tps)[:, :, : -(-L // block_n)]
+    return state.view(-1, Hkv, ns * tps)[:, :, :nt]

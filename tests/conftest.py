@@ -21,3 +21,15 @@ def rng(request):
     gen = torch.Generator().manual_seed(seed)
     random.seed(seed)
     return gen
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real embedded model on CPU, ``(model, tokenizer)``; torch on one thread meanwhile (the
+    reference's many small ops run fastest there, and robustly on a busy machine)."""
+    from blasst_sglang.model import load_smollm2
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_smollm2()
+    torch.set_num_threads(old)

@@ -9,18 +9,9 @@ import blasst_sglang.hf_attention as hfa
 from blasst_kernels import TileState, log_lambda
 from blasst_kernels.reference import decode_reference, prefill_reference
 from blasst_sglang.hf_attention import BlasstSettings, Recording, blasst_attention
-from blasst_sglang.model import load_smollm2
 from blasst_sglang.text import needle_prompt_ids
 
 BLOCK = 32  # small tiles: a short prompt still has many of them
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is fastest, and robust on a busy machine
-    yield load_smollm2()
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,6 @@ from blasst_sglang.model import cache_dir, find_gguf, load_smollm2, smollm2_dir
 from blasst_sglang.text import Needle, essays, haystack, insert_needle, needle_prompt_ids
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is fastest, and robust on a busy machine
-    yield load_smollm2()
-    torch.set_num_threads(old)
-
-
 def test_gguf_ships_in_the_package():
     path = find_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"

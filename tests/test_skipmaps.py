@@ -5,19 +5,10 @@ import torch
 
 from blasst_kernels import TileState
 from blasst_sglang.hf_attention import BlasstSettings, blasst_attention
-from blasst_sglang.model import load_smollm2
 from blasst_sglang.skipmaps import TILE_CHARS, SkipMaps, capture_skip_maps
 from blasst_sglang.text import haystack
 
 BLOCK = 32
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is fastest, and robust on a busy machine
-    yield load_smollm2()
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,15 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from serve_check import blasst_flags, check_plugin_installed, http_json, wait_ready  # noqa: E402
+from serve_check import blasst_flags, check_plugin_installed, http_json, server  # noqa: E402
 
 WORDS = "the of and to in is was that for it as with his on be at by had are but from or have an they which one you were".split()
 
@@ -39,26 +36,6 @@ def text_of(tokenizer, n_tokens: int, rng: random.Random) -> str:
     return tokenizer.decode(ids)
 
 
-@contextmanager
-def server(args, backend, extra):
-    log = Path(args.out) / f"bench_server_{backend}.log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_dir, "--attention-backend", backend,
-           "--port", str(args.port), "--host", "127.0.0.1", "--mem-fraction-static", str(args.mem_fraction),
-           "--sampling-backend", "pytorch", *extra]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{args.port}"
-            wait_ready(base, proc, 900)
-            yield base, log
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
 def generate(base, text, max_new_tokens):
     t0 = time.time()
     out = http_json(base + "/generate", {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}})
@@ -68,7 +45,8 @@ def generate(base, text, max_new_tokens):
 def measure(args, backend, extra, tokenizer):
     rng = random.Random(0)
     res = {"backend": backend}
-    with server(args, backend, extra) as (base, log):
+    log = Path(args.out) / f"bench_server_{backend}.log"
+    with server(args, backend, extra, log) as base:
         generate(base, text_of(tokenizer, 512, rng), 4)  # warm-up
         for n in (2048, 4096, 8000):
             res[f"ttft_{n}_s"] = statistics.median(generate(base, text_of(tokenizer, n, rng), 1)[0] for _ in range(3))
@@ -104,6 +82,7 @@ def main():
     ap.add_argument("--target-sparsity", type=float, default=0.5)
     ap.add_argument("--port", type=int, default=30018)
     ap.add_argument("--mem-fraction", type=float, default=0.5)
+    ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     check_plugin_installed()

@@ -30,6 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -90,27 +91,22 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"server not ready after {timeout:.0f}s")
 
 
-def run_backend(args, backend: str, extra: List[str], prompt: str) -> Result:
-    """Start a server with ``--attention-backend backend`` + ``extra``, ask the needle question, stop it."""
-    log = Path(args.log_dir) / f"server_{backend}.log"
+@contextmanager
+def server(args, backend: str, extra: List[str], log: Path):
+    """A ``python -m sglang.launch_server`` with ``--attention-backend backend`` + ``extra``, logging to
+    ``log``; yields its base URL once ``/health`` answers, and stops it on exit."""
     cmd = [
         sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_dir,
         "--attention-backend", backend, "--port", str(args.port), "--host", "127.0.0.1",
         "--mem-fraction-static", str(args.mem_fraction), "--sampling-backend", "pytorch", "--log-level", "info", *extra,
     ]
-    if not args.cuda_graph:
-        cmd.append("--disable-cuda-graph")
-    print(f"[serve_check] {' '.join(cmd)}", flush=True)
+    print(f"[serve] {' '.join(cmd)}", flush=True)
     base = f"http://127.0.0.1:{args.port}"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(base, proc, args.start_timeout)
-            t0 = time.time()
-            out = http_json(base + "/generate", {
-                "text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens},
-            })
-            seconds = time.time() - t0
+            yield base
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -118,6 +114,19 @@ def run_backend(args, backend: str, extra: List[str], prompt: str) -> Result:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def run_backend(args, backend: str, extra: List[str], prompt: str) -> Result:
+    """Start a server with ``--attention-backend backend`` + ``extra``, ask the needle question, stop it."""
+    log = Path(args.log_dir) / f"server_{backend}.log"
+    if not args.cuda_graph:
+        extra = [*extra, "--disable-cuda-graph"]
+    with server(args, backend, extra, log) as base:
+        t0 = time.time()
+        out = http_json(base + "/generate", {
+            "text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens},
+        })
+        seconds = time.time() - t0
     text = log.read_text(errors="replace")
     return Result(
         backend, out.get("text", ""), seconds, int(out.get("meta_info", {}).get("prompt_tokens", -1)),
