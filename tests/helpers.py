@@ -80,7 +80,7 @@ def make_batch(prefix_lens, extend_lens, hq, hkv, dk, dv, page_size, dtype, gen,
     n_lean = hkv if lean_per_kv_head else hq
     lean = torch.linspace(0.0, 1.5, n_lean)[torch.randperm(n_lean, generator=gen)]
     lean = lean.repeat_interleave(group) if lean_per_kv_head else lean
-    strength = 0.5 + 2.0 * torch.rand(hkv, generator=gen)
+    strength = 1.5 + 1.5 * torch.rand(hkv, generator=gen)
     qs, ks, vs = [], [], []
     slot_lists = page_slots(prefix_lens, page_size, gen)
     n_slots = (sum(-(-n // page_size) for n in prefix_lens) + 3) * page_size
