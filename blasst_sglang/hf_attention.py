@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from blasst_kernels import KernelOptions, TileState, default_options, log_lambda, validate_scale_factor
+from blasst_kernels import TileState, default_options, log_lambda, validate_scale_factor
 from blasst_kernels.reference import decode_reference, prefill_reference, prefill_skip_sweep
 
 __all__ = ["ATTENTION_NAME", "BlasstSettings", "Recording", "attention_modules", "blasst_attention", "layer_scale_factors"]
@@ -204,7 +204,10 @@ def _prefill(q, k, v, prefix_len: int, scaling: float, causal: bool, factor, set
             k[:p].contiguous() if p else None, v[:p].contiguous() if p else None,
             torch.tensor([0, e], **i32), torch.tensor([0, p], **i32), torch.arange(p, **i32),
             sm_scale=scaling, causal=causal, threshold_scale_factor=factor, max_extend_len=e,
-            return_skip_map=record, options=KernelOptions(settings.block_m, settings.block_n),
+            return_skip_map=record,
+            options=dataclasses.replace(
+                default_options(q.shape[-1], v.shape[-1], "prefill"), block_m=settings.block_m, block_n=settings.block_n
+            ),
         )
         return (out[0], out[1][0].cpu()) if record else (out, None)
     e, hq = q.shape[:2]
