@@ -243,7 +243,7 @@ def extend_attention(
     if batch and max_extend_len > 0:
         launch_extend(
             q, k, v, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices,
-            scale if scale is not None else torch.zeros(1, device=device), stats, skip_map,
+            scale, stats, skip_map,
             sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), causal=bool(causal),
             skip=scale is not None, batch=batch, max_extend_len=int(max_extend_len),
             block_m=opts.block_m, block_n=opts.block_n, block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
@@ -385,7 +385,7 @@ def decode_attention(
     if batch:
         launch_decode(
             q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
-            scale if scale is not None else torch.zeros(1, device=device), stats, skip_map,
+            scale, stats, skip_map,
             sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), skip=scale is not None,
             block_h=max(16, _next_pow2(group)), block_n=opts.block_n,
             block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
