@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """End-to-end check of the ``blasst`` SGLang backend on a GPU: needle prompt, triton vs blasst.
 
-    python3 benchmarks/gpu/serve_check.py MODEL_DIR [--context 6000] [--prefill-scale S] [--decode-scale S]
-                                                    [--calibration FILE --target-sparsity 0.5] [--cuda-graph]
+    python3 benchmarks/gpu/serve_check.py MODEL_DIR [--contexts 2000 4000 6000] [--depths 0.1 0.5 0.9]
+        [--prefill-scale S] [--decode-scale S] [--calibration FILE --target-sparsity 0.5] [--cuda-graph]
 
 For each backend (``triton``, then ``blasst`` with the given BLASST flags and ``--blasst-stats 1``)
 it starts ``python -m sglang.launch_server`` as a subprocess, waits for ``/health``, sends one
-greedy ``/generate`` request (a haystack of filler text with a secret number at ``--depth`` and a
-question about it), records the answer and its time, and stops the server. Then it prints both
-answers, whether each found the needle, the last ``BLASST sparsity`` log line of the blasst server
-(the per-layer skip counters) and any ``BLASST:`` fallback warnings. Server logs are kept in
-``--log-dir``. Exit status 0 when blasst found the needle and logged its counters.
+greedy ``/generate`` request per needle prompt (a haystack of filler text of each of
+``--contexts`` tokens with a secret number at each of ``--depths``, and a question about it),
+records the answers and times, and stops the server. Then it prints a table (per prompt: each
+backend's answer, whether it found the needle, whether the answers are equal), the last
+``BLASST sparsity`` log line of the blasst server (the per-layer skip counters) and any
+``BLASST:`` fallback warnings; JSON to ``--log-dir``/serve_check.json beside the server logs.
+Exit status 0 when blasst found the needle in every prompt where triton did, and logged its counters.
 
 Needs SGLang and this project installed so that the ``sglang.srt.plugins`` entry point ``blasst``
 is visible to the server (e.g. ``python3 -m pip install --no-deps --no-build-isolation --target
@@ -46,9 +48,9 @@ class Result:
     """One backend's run: its answer, the request's wall time, and the log lines that matter."""
 
     backend: str
-    answer: str
-    seconds: float
-    prompt_tokens: int
+    answers: List[str]
+    seconds: List[float]
+    prompt_tokens: List[int]
     sparsity_lines: List[str]
     fallback_lines: List[str]
     log: Path
@@ -116,20 +118,23 @@ def server(args, backend: str, extra: List[str], log: Path):
                 proc.wait()
 
 
-def run_backend(args, backend: str, extra: List[str], prompt: str) -> Result:
-    """Start a server with ``--attention-backend backend`` + ``extra``, ask the needle question, stop it."""
+def run_backend(args, backend: str, extra: List[str], prompts: List[str]) -> Result:
+    """Start a server with ``--attention-backend backend`` + ``extra``, ask each needle question, stop it."""
     log = Path(args.log_dir) / f"server_{backend}.log"
     if not args.cuda_graph:
         extra = [*extra, "--disable-cuda-graph"]
+    outs, seconds = [], []
     with server(args, backend, extra, log) as base:
-        t0 = time.time()
-        out = http_json(base + "/generate", {
-            "text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens},
-        })
-        seconds = time.time() - t0
+        for prompt in prompts:
+            t0 = time.time()
+            outs.append(http_json(base + "/generate", {
+                "text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens},
+            }))
+            seconds.append(time.time() - t0)
     text = log.read_text(errors="replace")
     return Result(
-        backend, out.get("text", ""), seconds, int(out.get("meta_info", {}).get("prompt_tokens", -1)),
+        backend, [o.get("text", "") for o in outs], seconds,
+        [int(o.get("meta_info", {}).get("prompt_tokens", -1)) for o in outs],
         [line for line in text.splitlines() if "BLASST sparsity" in line],
         [line for line in text.splitlines() if "BLASST:" in line],
         log,
@@ -164,8 +169,8 @@ def check_plugin_installed() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model_dir")
-    ap.add_argument("--context", type=int, default=6000, help="haystack length in tokens")
-    ap.add_argument("--depth", type=float, default=0.3, help="relative position of the needle in the haystack")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[6000], help="haystack lengths in tokens")
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.3], help="relative positions of the needle")
     ap.add_argument("--prefill-scale", type=float, help="--blasst-prefill-threshold-scale (default 2 without --calibration)")
     ap.add_argument("--decode-scale", type=float, help="--blasst-decode-threshold-scale (default 2 without --calibration)")
     ap.add_argument("--calibration", help="--blasst-calibration FILE; a scale given above overrides it for its phase")
@@ -183,20 +188,34 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    secret = random.Random(args.context).randint(1000, 9999)
-    prompt = needle_prompt(tokenizer, args.context, args.depth, secret)
-    results = [run_backend(args, "triton", [], prompt), run_backend(args, "blasst", blasst_flags(args), prompt)]
+    cases = [(n, depth, random.Random(n * 1000 + round(depth * 100)).randint(1000, 9999))
+             for n in args.contexts for depth in args.depths]
+    prompts = [needle_prompt(tokenizer, n, depth, secret) for n, depth, secret in cases]
+    triton, blasst = (run_backend(args, "triton", [], prompts), run_backend(args, "blasst", blasst_flags(args), prompts))
 
-    print(f"\n[serve_check] needle {secret} at depth {args.depth}, prompt {results[0].prompt_tokens} tokens")
-    found = {}
-    for r in results:
-        found[r.backend] = re.search(rf"\b{secret}\b", r.answer) is not None
-        print(f"[serve_check] {r.backend:7s} {r.seconds:6.2f}s found={found[r.backend]} answer={r.answer!r} (log {r.log})")
-    blasst = results[1]
-    print("[serve_check] counters:", blasst.sparsity_lines[-1] if blasst.sparsity_lines else "NO 'BLASST sparsity' LINE LOGGED")
+    rows = []
+    print(f"\n[serve_check] {'tokens':>6s} {'depth':>5s} {'needle':>6s}  triton found/answer | blasst found/answer | equal")
+    for i, (n, depth, secret) in enumerate(cases):
+        found = [re.search(rf"\b{secret}\b", r.answers[i]) is not None for r in (triton, blasst)]
+        rows.append({"context": n, "prompt_tokens": triton.prompt_tokens[i], "depth": depth, "secret": secret,
+                     "triton": {"answer": triton.answers[i], "found": found[0], "seconds": triton.seconds[i]},
+                     "blasst": {"answer": blasst.answers[i], "found": found[1], "seconds": blasst.seconds[i]},
+                     "equal": triton.answers[i] == blasst.answers[i]})
+        print(f"[serve_check] {triton.prompt_tokens[i]:6d} {depth:5.2f} {secret:6d}  {found[0]!s:5s} "
+              f"{triton.answers[i]!r:22.22s} | {found[1]!s:5s} {blasst.answers[i]!r:22.22s} | {rows[-1]['equal']}")
+    counters = blasst.sparsity_lines[-1] if blasst.sparsity_lines else None
+    print("[serve_check] counters:", counters or "NO 'BLASST sparsity' LINE LOGGED")
     for line in blasst.fallback_lines:
         print("[serve_check] fallback:", line)
-    return 0 if found["blasst"] and blasst.sparsity_lines else 1
+    ok = bool(counters) and all(r["blasst"]["found"] for r in rows if r["triton"]["found"])
+    summary = {"flags": blasst_flags(args), "cuda_graph": args.cuda_graph, "rows": rows, "ok": ok,
+               "found": {b: sum(r[b]["found"] for r in rows) for b in ("triton", "blasst")},
+               "equal_answers": sum(r["equal"] for r in rows), "n": len(rows),
+               "counters": counters, "fallbacks": blasst.fallback_lines}
+    (Path(args.log_dir) / "serve_check.json").write_text(json.dumps(summary, indent=1))
+    print(f"[serve_check] found triton {summary['found']['triton']}/{len(rows)}, blasst {summary['found']['blasst']}/{len(rows)}, "
+          f"equal answers {summary['equal_answers']}/{len(rows)}: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

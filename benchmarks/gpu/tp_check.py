@@ -4,8 +4,9 @@
 2-GPU kind (nvidia-h200-x2), from the repo root:
 
     bash benchmarks/gpu/setup_gpu.sh && export PYTHONPATH=/opt/sgl-site
-    python3 benchmarks/gpu/tp_check.py                  # JSON + server logs to $OUT
+    python3 benchmarks/gpu/tp_check.py                  # tp_check_<arch>_tp<N>.json + server logs to $OUT
     python3 benchmarks/gpu/tp_check.py --weights dummy --configs triton blasst0
+    python3 benchmarks/gpu/tp_check.py --arch mla --weights dummy --tp 1   # MLA (any kind): reaches our kernels?
 
 Writes a model folder (``--model-dir``, default /tmp/tp_llama): a Llama config with 32 query / 8 KV
 heads of dim 128 (hidden 1024, so the weights stay small), ``--layers`` layers, vocab 49152, and
@@ -13,6 +14,9 @@ SmolLM2's tokenizer files copied from ``--tokenizer-dir`` (/root/smollm2, made b
 ``--weights random`` (default) also writes seeded ``model.safetensors`` weights whose q/k scale
 gives peaked attention and clear logit gaps; ``--weights dummy`` serves ``--load-format dummy``
 (SGLang's uniform ±1e-3 weights: near-uniform attention, so nothing is skipped and logits nearly tie).
+``--arch mla`` writes a small DeepSeek-V2-style config instead (MLA: KV LoRA rank 512, rope dim 64,
+16 heads, dense MLPs; dummy weights only): SGLang runs its MLA path (absorbed decode, prefix
+extend), and blasstS's sparsity lines show whether that path reaches BLASST's kernels.
 
 Then for each config a ``python -m sglang.launch_server --tp 2`` (CUDA graphs off unless
 ``--cuda-graph``): ``triton``; ``blasst0`` (threshold scale 0 for both phases); ``blasstS``
@@ -53,6 +57,27 @@ def llama_config(**overrides) -> dict:
         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
         "vocab_size": 49152, "max_position_embeddings": 16384, "rope_theta": 500000.0,
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    }
+    config.update(overrides)
+    return config
+
+
+def deepseek_mla_config(**overrides) -> dict:
+    """A small DeepSeek-V2-style config (MLA: KV rank 512, rope dim 64, no query LoRA, dense MLPs):
+    SGLang serves it with MLA attention (absorbed decode, prefix extend); ``overrides`` replace keys."""
+    layers = overrides.get("num_hidden_layers", 4)
+    config = {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_act": "silu",
+        "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512, "num_hidden_layers": layers,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        # Routed experts exist in the config but every layer is dense (first_k_dense_replace = layers).
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": layers,
+        "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0, "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True,
+        "vocab_size": 49152, "max_position_embeddings": 16384, "rope_theta": 10000.0, "rope_scaling": None,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
         "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
     }
     config.update(overrides)
@@ -135,7 +160,7 @@ def log_lines(text: str, key: str):
 
 def run_config(args, name: str, backend: str, flags, prompts):
     """Serve with ``backend`` + ``flags``, greedy-generate for ``prompts``; returns tokens, gaps, log lines."""
-    log = Path(args.out) / f"tp_server_{name}.log"
+    log = Path(args.out) / f"tp_server_{args.arch}_tp{args.tp}_{name}.log"
     extra = ["--tp-size", str(args.tp), "--random-seed", str(args.seed), *flags]
     if args.weights == "dummy":
         extra += ["--load-format", "dummy"]
@@ -189,6 +214,8 @@ def parse_args(argv=None):
     ap.add_argument("--configs", nargs="+", default=["triton", "blasst0", "blasstS"], choices=["triton", "blasst0", "blasstS"])
     ap.add_argument("--scale", type=float, default=64.0, help="threshold scale factor of blasstS, both phases")
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--arch", choices=["llama", "mla"], default="llama",
+                    help="llama: 32/8 heads of dim 128; mla: a small DeepSeek-V2-style MLA model (--weights dummy only)")
     ap.add_argument("--weights", choices=["random", "dummy"], default="random")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--qk-std", type=float, default=0.05, help="std of the random q/k weights (attention sharpness)")
@@ -204,7 +231,10 @@ def parse_args(argv=None):
     ap.add_argument("--mem-fraction", type=float, default=0.5)
     ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.arch == "mla" and args.weights != "dummy":
+        ap.error("--arch mla needs --weights dummy (random weights are written under Llama names only)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -216,7 +246,7 @@ def main(argv=None) -> int:
                  "run it on the 2-GPU kind (nvidia-h200-x2)")
     check_plugin_installed()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    config = llama_config(num_hidden_layers=args.layers)
+    config = (llama_config if args.arch == "llama" else deepseek_mla_config)(num_hidden_layers=args.layers)
     write_model_folder(args.model_dir, config, args.tokenizer_dir, args.weights, args.seed, args.qk_std, "cuda")
     prompts = random_prompts(args.prompt_lens, config["vocab_size"], args.seed)
     all_configs = configs(args)
@@ -249,9 +279,9 @@ def main(argv=None) -> int:
             lines = res.get(key) or []
             for line in (lines if key != "sparsity_lines" else lines[-args.tp:]):
                 print(f"[tp] {name} {line[-300:]}")
-    summary = {"config": config, "weights": args.weights, "tp": args.tp, "prompt_lens": args.prompt_lens,
+    summary = {"arch": args.arch, "config": config, "weights": args.weights, "tp": args.tp, "prompt_lens": args.prompt_lens,
                "device": torch.cuda.get_device_name(), "ok": ok, "comparisons": comparisons, "results": results}
-    path = Path(args.out) / "tp_check.json"
+    path = Path(args.out) / f"tp_check_{args.arch}_tp{args.tp}.json"
     path.write_text(json.dumps(summary, indent=1))
     print(f"[tp] {'PASS' if ok else 'FAIL'}; wrote {path}")
     return 0 if ok else 1
