@@ -92,6 +92,7 @@ def _blocked_online_softmax(
     sm_scale: float,
     skip_override: Optional[torch.Tensor],
     with_output: bool = True,
+    with_tile_lse: bool = False,
 ):
     """The BLASST loop over key tiles, vectorised over row sets.
 
@@ -106,10 +107,12 @@ def _blocked_online_softmax(
         log_lam: ``(*lead, R, M)`` ln λ per row (``-inf``: never skip); leading dims evaluate
             several thresholds in one pass (only with ``with_output=False``).
         skip_override: optional ``(R, T)`` bool: replay these decisions instead of the rule.
+        with_tile_lse: also return every row's log-sum-exp of its scores in every tile.
 
     Returns:
         ``acc (R, M, Dv), m (R, M), l (R, M)`` (``None`` without output), tile_state ``(*lead, R, T)``,
-        margin ``(*lead, R, T)``.
+        margin ``(*lead, R, T)``, tile_lse ``(R, M, T)`` (``-inf`` where a row sees no key of the
+        tile; ``None`` without ``with_tile_lse``).
     """
     R, M, _ = q.shape
     T = tile_index.shape[1]
@@ -121,6 +124,7 @@ def _blocked_online_softmax(
     started = torch.zeros(lead + (R,), dtype=torch.bool, device=dev)
     tile_state = torch.zeros(lead + (R, T), dtype=torch.int8, device=dev)
     margin = torch.full(lead + (R, T), math.nan, dtype=torch.float32, device=dev)
+    tile_lse = torch.full((R, M, T), -math.inf, dtype=acc_dtype, device=dev) if with_tile_lse else None
     valid_rows = row_valid[:, :, None]
     for t in range(T):
         idx = tile_index[:, t]  # (R, BN)
@@ -134,6 +138,8 @@ def _blocked_online_softmax(
         s = torch.einsum("rmd,rnd->rmn", q, k_t) * sm_scale
         s = s.masked_fill(~visible, -math.inf)
         m_tile = s.amax(dim=-1)  # (R, M)
+        if with_tile_lse:
+            tile_lse[..., t] = torch.logsumexp(s, dim=-1)
         has_keys = visible.any(dim=-1)
         excess = torch.where(has_keys & row_valid, m_tile - m_i - log_lam, torch.full_like(m_i, -math.inf))
         row_margin = excess.amax(dim=-1)  # (*lead, R)
@@ -157,7 +163,25 @@ def _blocked_online_softmax(
             l_i = torch.where(u, l_i * alpha + p.sum(-1), l_i)
             acc = torch.where(u[..., None], acc * alpha[..., None] + torch.einsum("rmn,rnd->rmd", p, v_t), acc)
         m_i = m_new
-    return acc, m_i, l_i, tile_state, margin
+    return acc, m_i, l_i, tile_state, margin, tile_lse
+
+
+def _skipped_mass(tile_state: torch.Tensor, tile_lse: torch.Tensor) -> torch.Tensor:
+    """Dense softmax mass of the skipped tiles, per row.
+
+    Args:
+        tile_state: int8 ``(*lead, R, T)`` TileState of each row set's tiles.
+        tile_lse: ``(R, M, T)`` each row's log-sum-exp over each tile's keys (``-inf``: no key),
+            every key of a row in one of its set's tiles.
+
+    Returns:
+        ``(*lead, R, M)`` in ``tile_lse``'s dtype: the share of the row's dense attention weight that
+        lies in skipped tiles (0 for rows without keys).
+    """
+    row_lse = torch.logsumexp(tile_lse, dim=-1, keepdim=True)
+    weight = torch.exp(tile_lse - row_lse).nan_to_num(0.0)  # rows without keys: -inf - -inf
+    skipped = (tile_state == int(TileState.SKIPPED)).to(weight.dtype)
+    return torch.einsum("...rt,rmt->...rm", skipped, weight)
 
 
 def _finish(acc, m_i, l_i):
@@ -244,7 +268,7 @@ def prefill_reference(
         log_lam = torch.full((Hq,), -math.inf)
     log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=q.device).expand(Hq)
     override = None if skip_override is None else skip_override.reshape(Hq * nq, T)
-    acc, m_i, l_i, state, margin = _blocked_online_softmax(
+    acc, m_i, l_i, state, margin, _ = _blocked_online_softmax(
         q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), kv_head, row_pos, row_valid, tiles, tile_full,
         log_lam[heads][:, None].expand(Hq * nq, block_m), sm_scale, override,
     )
@@ -270,15 +294,20 @@ def prefill_skip_sweep(
     block_m: int = 64,
     block_n: int = 64,
     compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    return_skipped_mass: bool = False,
+):
     """Skip maps of one prefill sequence for many thresholds in one pass (no output computed).
 
     Args:
         q: ``(E, Hq, Dk)``; k: ``(P + E, Hkv, Dk)`` as in :func:`prefill_reference`.
         log_lams: ``(S,)`` or ``(S, Hq)`` ln λ values to evaluate.
+        return_skipped_mass: also return, per threshold, query head and new token, the share of
+            the token's dense softmax weight that lies in skipped tiles (what skipping drops:
+            ``1 − exp(lse_blasst − lse_dense)``).
 
     Returns:
-        int8 ``(S, Hq, NQ, T)`` TileState maps, one per threshold.
+        int8 ``(S, Hq, NQ, T)`` TileState maps, one per threshold; with ``return_skipped_mass`` the
+        tuple ``(maps, mass)``, mass ``(S, Hq, E)`` in ``compute_dtype``.
     """
     E, Hq, Dk = q.shape
     sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
@@ -288,11 +317,14 @@ def prefill_skip_sweep(
     lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=q.device)
     lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
     lam_rows = lams[:, heads][:, :, None].expand(-1, Hq * nq, block_m)
-    _, _, _, state, _ = _blocked_online_softmax(
+    _, _, _, state, _, tile_lse = _blocked_online_softmax(
         q_rs, k.permute(1, 0, 2), k.permute(1, 0, 2), kv_head, row_pos, row_valid, tiles, tile_full,
-        lam_rows, sm_scale, None, with_output=False,
+        lam_rows, sm_scale, None, with_output=False, with_tile_lse=return_skipped_mass,
     )
-    return state.view(-1, Hq, nq, T)
+    maps = state.view(-1, Hq, nq, T)
+    if not return_skipped_mass:
+        return maps
+    return maps, _skipped_mass(state, tile_lse).reshape(-1, Hq, nq * block_m)[:, :, :E]
 
 
 def decode_split_len(kv_len: int, num_splits: int, block_n: int) -> int:
@@ -373,7 +405,7 @@ def decode_reference(
         padded = torch.zeros(Hkv, ns * tps, dtype=torch.bool, device=dev)
         padded[:, :nt] = skip_override.to(dev)
         override = padded.view(Hkv * ns, tps)
-    acc, m_i, l_i, state, margin = _blocked_online_softmax(
+    acc, m_i, l_i, state, margin, _ = _blocked_online_softmax(
         q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), *row_args, lam_rs, sm_scale, override
     )
     # Merge the splits of each KV head by log-sum-exp.
@@ -400,7 +432,8 @@ def decode_skip_sweep(
     block_n: int = 64,
     num_splits: int = 1,
     compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    return_skipped_mass: bool = False,
+):
     """Decode skip maps of one request for many thresholds in one pass (no output computed).
 
     Same rule as :func:`decode_reference`: the query heads of a KV group decide together and the
@@ -410,9 +443,12 @@ def decode_skip_sweep(
         q: ``(Hq, Dk)`` the new token's queries; k: ``(L, Hkv, Dk)`` keys of the whole context.
         log_lams: ``(S,)`` or ``(S, Hq)`` ln λ values to evaluate (``-inf``: never skip).
         block_n: keys per tile; num_splits: KV splits (see :func:`decode_split_len`).
+        return_skipped_mass: also return, per threshold and query head, the share of the head's
+            dense softmax weight that lies in skipped tiles (``1 − exp(lse_blasst − lse_dense)``).
 
     Returns:
-        int8 ``(S, Hkv, ceil(L / block_n))`` TileState maps, one per threshold.
+        int8 ``(S, Hkv, ceil(L / block_n))`` TileState maps, one per threshold; with
+        ``return_skipped_mass`` the tuple ``(maps, mass)``, mass ``(S, Hq)`` in ``compute_dtype``.
     """
     Hq, Dk = q.shape
     Hkv = k.shape[1]
@@ -423,7 +459,13 @@ def decode_skip_sweep(
     lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
     lam_rs = lams.view(-1, Hkv, 1, group).expand(-1, Hkv, ns, group).reshape(-1, Hkv * ns, group)
     k_heads = k.permute(1, 0, 2)
-    _, _, _, state, _ = _blocked_online_softmax(
-        q_rs, k_heads, k_heads, *row_args, lam_rs, sm_scale, None, with_output=False
+    _, _, _, state, _, tile_lse = _blocked_online_softmax(
+        q_rs, k_heads, k_heads, *row_args, lam_rs, sm_scale, None, with_output=False,
+        with_tile_lse=return_skipped_mass,
     )
-    return state.view(-1, Hkv, ns * tps)[:, :, :nt]
+    state = state.view(-1, Hkv, ns * tps)
+    if not return_skipped_mass:
+        return state[:, :, :nt]
+    # A head's keys span the splits of its KV head: put its tiles of every split in one row.
+    tile_lse = tile_lse.view(Hkv, ns, group, tps).transpose(1, 2).reshape(Hkv, group, ns * tps)
+    return state[:, :, :nt], _skipped_mass(state, tile_lse).reshape(-1, Hq)
