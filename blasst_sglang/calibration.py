@@ -13,9 +13,23 @@ rule (the query heads of a KV group decide together, each KV split's first tile 
 of the last ``decode_steps`` positions of a text is treated as one decode step over its prefix.
 
 Besides the one law for the whole model, every layer and every head gets its own law, so each
-layer/head can be given its own factor for the same target (``granularity``).
+layer/head can be given its own factor for the same target (``granularity`` ``"layer"``/``"head"``:
+every layer/head at the target sparsity).
 
-The result is a versioned JSON file (:meth:`Calibration.save`, :func:`load_calibration`).
+Equal sparsity everywhere is not the best use of a sparsity budget: some heads lose almost nothing
+at 90 % sparsity, others much at 30 %. So the sweep also measures, per (layer, head) and factor, an
+error proxy: the dense softmax mass of the skipped tiles per query row (what skipping drops). The
+``"layer-budget"``/``"head-budget"`` granularities choose one factor per layer/head that minimises
+the summed error proxy subject to the *average* sparsity being the target (:func:`allocate_budget`,
+a greedy walk along each unit's convex error-vs-sparsity curve — the Lagrangian optimum). A target
+above what the sweep reached is refused with the largest reachable sparsity
+(:class:`UnreachableTarget`).
+
+Every length is swept at the same factors (``λ = factor / L``, dense where ``λ ≥ 1``), so that the
+curves of the lengths add up.
+
+The result is a versioned JSON file (:meth:`Calibration.save`, :func:`load_calibration`); version 1
+files (no error curves) still load, without the budget granularities.
 """
 
 from __future__ import annotations
@@ -36,8 +50,12 @@ __all__ = [
     "VERSION",
     "PHASES",
     "GRANULARITIES",
+    "Allocation",
+    "BudgetCurves",
     "ExpFit",
     "PhaseCalibration",
+    "UnreachableTarget",
+    "allocate_budget",
     "Calibration",
     "TileCounts",
     "calibrate",
@@ -51,9 +69,15 @@ __all__ = [
 ]
 
 FORMAT = "blasst-calibration"
-VERSION = 1
+VERSION = 2
+#: Versions :func:`load_calibration` reads (version 1 has no error curves, so no budget granularities).
+READABLE_VERSIONS = (1, 2)
 PHASES = ("prefill", "decode")
-GRANULARITIES = ("uniform", "layer", "head")
+GRANULARITIES = ("uniform", "layer", "head", "layer-budget", "head-budget")
+#: The granularities that allocate a sparsity budget by the error proxy (need :class:`BudgetCurves`).
+BUDGET_GRANULARITIES = ("layer-budget", "head-budget")
+#: What :attr:`BudgetCurves.error` measures (written to the JSON for readers).
+ERROR_PROXY = "mean over query rows of the dense softmax mass in skipped tiles"
 #: Points outside this sparsity range are dropped before fitting (the law bends at both ends).
 SPARSITY_RANGE = (0.10, 0.90)
 #: A layer or head needs this many usable points for a law of its own (else it inherits one).
@@ -146,15 +170,20 @@ class TileCounts:
 
     Attributes:
         lengths: the ``n_len`` calibration lengths (tokens).
-        scale_factors: ``(n_len, S)`` float64 factors ``λ·L`` swept at each length.
+        scale_factors: ``(S,)`` float64 factors ``λ·L`` swept at every length.
         skipped: ``(n_len, S, num_layers, num_heads)`` float64 skipped tiles per query head.
         visited: ``(n_len, num_layers, num_heads)`` float64 visited tiles (the same for every factor).
+        dropped: ``(n_len, S, num_layers, num_heads)`` float64 dense softmax mass in skipped tiles,
+            summed over the query rows (prefill tokens, decode steps) of each query head.
+        rows: ``(n_len, num_layers, num_heads)`` float64 query rows measured.
     """
 
     lengths: List[int]
     scale_factors: torch.Tensor
     skipped: torch.Tensor
     visited: torch.Tensor
+    dropped: torch.Tensor
+    rows: torch.Tensor
 
     def sparsity(self, dims: Sequence[int]) -> torch.Tensor:
         """Sparsity ``(n_len, S, ...)`` after summing skipped/visited over ``dims`` of (layer, head) = (0, 1)."""
@@ -163,6 +192,192 @@ class TileCounts:
             sk = sk.sum(dim=tuple(2 + d for d in dims))
             vi = vi.sum(dim=tuple(1 + d for d in dims))
         return sk / vi.clamp(min=1)[:, None]
+
+
+class UnreachableTarget(ValueError):
+    """A target sparsity above the largest the calibration sweep reached (``max_sparsity``)."""
+
+    def __init__(self, target: float, max_sparsity: float, what: str):
+        super().__init__(
+            f"target sparsity {target:g} is out of reach for {what}: the calibration sweep reached at most "
+            f"{max_sparsity:.3f} on average (sweep larger factors, i.e. a larger --lambda-max or longer --lengths)"
+        )
+        self.target, self.max_sparsity = target, max_sparsity
+
+
+@dataclass
+class Allocation:
+    """Factors chosen for a target and what the calibration runs predict for them.
+
+    Attributes:
+        factors: ``(num_layers, num_heads)`` float32 threshold scale factors (0: dense).
+        sparsity: predicted average sparsity over (layer, head) on the calibration runs.
+        error: predicted average error proxy (:data:`ERROR_PROXY`) over (layer, head).
+    """
+
+    factors: torch.Tensor
+    sparsity: float
+    error: float
+
+
+def _lower_hull(s: List[float], e: List[float]) -> List[int]:
+    """Indices of the lower convex hull of the points ``(s[i], e[i])``, left to right: the points a
+    Lagrangian ``min e − μ·s`` can pick for some ``μ``, with increasing slopes between them (all
+    ``≥ 0`` when the leftmost point is ``(0, 0)`` and errors are ``≥ 0``)."""
+    order = sorted(range(len(s)), key=lambda i: (s[i], e[i]))
+    hull: List[int] = []
+    for i in order:
+        if hull and s[hull[-1]] == s[i]:
+            continue  # same sparsity, more error
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (s[b] - s[a]) * (e[i] - e[a]) - (e[b] - e[a]) * (s[i] - s[a]) <= 0:
+                hull.pop()  # b lies on or above the segment a–i
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def allocate_budget(factors: torch.Tensor, sparsity: torch.Tensor, error: torch.Tensor, target: float, what: str = "this allocation"):
+    """Minimise the summed error proxy over units subject to their average sparsity being ``target``.
+
+    Each unit (a head, a KV group, a layer) takes one factor of the grid, or 0 (dense: sparsity 0,
+    error 0). On each unit's lower convex hull of (sparsity, error) points, moving to the next
+    point costs ``Δerror / Δsparsity``; taking the cheapest moves over all units first until the
+    sparsity budget is spent is the Lagrangian optimum (exact for the convexified problem). The
+    last move is taken in part: its factor is interpolated in ``ln factor`` (from dense, the
+    nearer end is taken), so the average sparsity meets the target up to that interpolation.
+
+    Args:
+        factors: ``(K,)`` positive increasing float64 grid of threshold scale factors.
+        sparsity: ``(U, K)`` float64 measured sparsity of each unit at each factor.
+        error: ``(U, K)`` float64 error proxy of each unit at each factor (>= 0).
+        target: wanted average sparsity over units, in [0, 1).
+        what: names the allocation in :class:`UnreachableTarget`'s message.
+
+    Returns:
+        ``(chosen (U,) float64 factors, predicted sparsity (U,), predicted error (U,))``.
+
+    Raises:
+        UnreachableTarget: ``target`` is above the average of the units' largest sparsity.
+    """
+    f = torch.as_tensor(factors, dtype=torch.float64)
+    sp = torch.as_tensor(sparsity, dtype=torch.float64)
+    er = torch.as_tensor(error, dtype=torch.float64)
+    units = sp.shape[0]
+    grid = [0.0] + f.tolist()
+    moves = []  # (cost per unit of sparsity, unit, from point, to point) as (factor, sparsity, error)
+    max_total = 0.0
+    for u in range(units):
+        s_u, e_u = [0.0] + sp[u].tolist(), [0.0] + er[u].clamp(min=0).tolist()
+        hull = _lower_hull(s_u, e_u)
+        max_total += s_u[hull[-1]]
+        for j, (a, b) in enumerate(zip(hull, hull[1:])):
+            cost = (e_u[b] - e_u[a]) / (s_u[b] - s_u[a])
+            moves.append((cost, u, j, (grid[a], s_u[a], e_u[a]), (grid[b], s_u[b], e_u[b])))
+    need = float(target) * units
+    if need > max_total + 1e-9:
+        raise UnreachableTarget(float(target), max_total / units, what)
+    chosen = [(0.0, 0.0, 0.0)] * units
+    done = 0.0
+    for _, u, _, (f0, s0, e0), (f1, s1, e1) in sorted(moves):
+        if done >= need:
+            break
+        step = s1 - s0
+        if done + step <= need:
+            chosen[u], done = (f1, s1, e1), done + step
+            continue
+        theta = (need - done) / step
+        if f0 > 0:
+            chosen[u] = (math.exp(math.log(f0) + theta * (math.log(f1) - math.log(f0))), s0 + theta * step, e0 + theta * (e1 - e0))
+        elif theta >= 0.5:
+            chosen[u] = (f1, s1, e1)
+        done = need
+    out = torch.tensor(chosen, dtype=torch.float64).reshape(units, 3)
+    return out[:, 0], out[:, 1], out[:, 2]
+
+
+@dataclass(eq=False)
+class BudgetCurves:
+    """Sparsity and error proxy of every (layer, query head) at one grid of factors (pooled over runs).
+
+    Attributes:
+        factors: ``(K,)`` float64 increasing threshold scale factors ``λ·L``.
+        sparsity: ``(num_layers, num_heads, K)`` float64 skipped / visited tiles.
+        error: ``(num_layers, num_heads, K)`` float64 error proxy (:data:`ERROR_PROXY`).
+        group: query heads that decide together and so get one factor (1 for prefill, the GQA
+            group size for decode).
+    """
+
+    factors: torch.Tensor
+    sparsity: torch.Tensor
+    error: torch.Tensor
+    group: int = 1
+
+    @classmethod
+    def from_counts(cls, counts: "TileCounts", group: int) -> "BudgetCurves":
+        """Pool :class:`TileCounts` over lengths (longer runs weigh more: they have more tiles and rows)."""
+        sparsity = counts.skipped.sum(0) / counts.visited.sum(0).clamp(min=1)  # (S, layers, heads)
+        error = counts.dropped.sum(0) / counts.rows.sum(0).clamp(min=1)
+        return cls(counts.scale_factors.double().clone(), sparsity.permute(1, 2, 0).contiguous(),
+                   error.permute(1, 2, 0).contiguous(), group)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BudgetCurves) and self.group == other.group and all(
+            torch.equal(getattr(self, n), getattr(other, n)) for n in ("factors", "sparsity", "error")
+        )
+
+    def allocation(self, target: float, granularity: str) -> Allocation:
+        """Budget factors for ``target`` at ``"layer-budget"`` (one factor per layer) or
+        ``"head-budget"`` (one per head; per KV group when ``group`` > 1); see :func:`allocate_budget`."""
+        layers, heads, k = self.sparsity.shape
+        if granularity == "layer-budget":
+            per = heads
+        elif granularity == "head-budget":
+            per = self.group
+        else:
+            raise ValueError(f"budget granularity must be one of {BUDGET_GRANULARITIES}, got {granularity!r}")
+        # A unit of `per` heads: their mean sparsity, their summed error.
+        sp = self.sparsity.reshape(-1, per, k).mean(1)
+        er = self.error.reshape(-1, per, k).sum(1)
+        chosen, sp_u, er_u = allocate_budget(self.factors, sp, er, target, granularity)
+        table = chosen.repeat_interleave(per).view(layers, heads).float()
+        return Allocation(table, float(sp_u.mean()), float(er_u.sum()) / (layers * heads))
+
+    def to_json(self) -> dict:
+        return {
+            "error_proxy": ERROR_PROXY,
+            "group": self.group,
+            "factors": self.factors.tolist(),
+            "sparsity": self.sparsity.tolist(),
+            "error": self.error.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d, where: str, num_layers: int, num_heads: int) -> "BudgetCurves":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be an object with factors, sparsity, error, group")
+        group = d.get("group")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or num_heads % group:
+            raise ValueError(f"{where}.group must be a positive divisor of num_heads={num_heads}, got {group!r}")
+        try:
+            factors = torch.tensor(d["factors"], dtype=torch.float64)
+            sparsity = torch.tensor(d["sparsity"], dtype=torch.float64)
+            error = torch.tensor(d["error"], dtype=torch.float64)
+        except KeyError as exc:
+            raise ValueError(f"{where}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: factors, sparsity and error must be lists of numbers ({exc})") from None
+        k = factors.numel()
+        if factors.dim() != 1 or k == 0 or not bool((factors > 0).all()) or not bool((factors.diff() > 0).all()):
+            raise ValueError(f"{where}.factors must be a non-empty increasing list of positive numbers")
+        for name, t in (("sparsity", sparsity), ("error", error)):
+            if tuple(t.shape) != (num_layers, num_heads, k):
+                raise ValueError(f"{where}.{name} must be num_layers x num_heads x factors = {num_layers} x {num_heads} x {k}, got {tuple(t.shape)}")
+        if not bool(((sparsity >= 0) & (sparsity <= 1)).all()) or not bool((error >= 0).all()):
+            raise ValueError(f"{where}: sparsity must be in [0, 1] and error >= 0")
+        return cls(factors, sparsity, error, group)
 
 
 @dataclass
@@ -174,6 +389,8 @@ class PhaseCalibration:
         layer_fits: ``num_layers`` laws. head_fits: ``num_layers`` lists of ``num_heads`` laws.
         lengths: calibration lengths. points: ``[length, λ·L, sparsity]`` model-wide measurements
             (degenerate ones included; the fit drops them).
+        budget: the per-(layer, head) curves the budget granularities allocate from (``None`` in
+            version 1 files).
     """
 
     fit: ExpFit
@@ -181,9 +398,14 @@ class PhaseCalibration:
     head_fits: List[List[ExpFit]]
     lengths: List[int]
     points: List[List[float]] = field(default_factory=list)
+    budget: Optional[BudgetCurves] = None
 
     def scale_factors(self, target_sparsity: float, granularity: str) -> torch.Tensor:
-        """``(num_layers, num_heads)`` float32 factors for ``target_sparsity`` at ``granularity``."""
+        """``(num_layers, num_heads)`` float32 factors for ``target_sparsity`` at ``granularity``.
+
+        Raises :class:`UnreachableTarget` for a budget granularity whose target is out of reach."""
+        if granularity in BUDGET_GRANULARITIES:
+            return self.allocation(target_sparsity, granularity).factors
         num_layers, num_heads = len(self.head_fits), len(self.head_fits[0])
         if granularity == "uniform":
             return torch.full((num_layers, num_heads), self.fit.scale_factor(target_sparsity), dtype=torch.float32)
@@ -194,9 +416,20 @@ class PhaseCalibration:
             return torch.tensor([[f.scale_factor(target_sparsity) for f in row] for row in self.head_fits], dtype=torch.float32)
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
+    def allocation(self, target_sparsity: float, granularity: str) -> Allocation:
+        """The budget allocation (``"layer-budget"``/``"head-budget"``) for ``target_sparsity``; see
+        :meth:`BudgetCurves.allocation`. ``ValueError`` when the phase has no curves (version 1 file)."""
+        if self.budget is None:
+            raise ValueError(
+                f"granularity {granularity!r} needs the error curves of a version {VERSION} calibration; this one "
+                f"(version 1) has none: re-run `blasst calibrate`, or use 'uniform', 'layer' or 'head'"
+            )
+        return self.budget.allocation(target_sparsity, granularity)
 
-def fit_phase(counts: TileCounts) -> PhaseCalibration:
-    """Fit the model-wide, per-layer and per-head laws of one phase from its tile counts.
+
+def fit_phase(counts: TileCounts, group: int = 1) -> PhaseCalibration:
+    """Fit the model-wide, per-layer and per-head laws of one phase from its tile counts, and keep
+    the pooled per-head curves for budget allocation (``group``: query heads deciding together).
 
     A layer (head) with fewer than :data:`MIN_OWN_POINTS` usable points, or whose sparsity does not
     grow with the factor (``b <= 0``), inherits the model's (its layer's) law, flagged ``fallback``.
@@ -226,7 +459,7 @@ def fit_phase(counts: TileCounts) -> PhaseCalibration:
     points = [
         [counts.lengths[li], float(xs[li, j]), float(overall[li, j])] for li in range(n_len) for j in range(S)
     ]
-    return PhaseCalibration(fit, layer_fits, head_fits, list(counts.lengths), points)
+    return PhaseCalibration(fit, layer_fits, head_fits, list(counts.lengths), points, BudgetCurves.from_counts(counts, group))
 
 
 @dataclass
@@ -271,15 +504,25 @@ class Calibration:
             phase: ``"prefill"`` or ``"decode"``.
             target_sparsity: skipped / visited tiles wanted, in [0, 1); 0 gives zeros (dense).
             granularity: ``"uniform"`` (one factor), ``"layer"`` (one per layer) or ``"head"``
-                (one per layer and query head; decode heads of a KV group share their group's law).
+                (one per layer and query head; decode heads of a KV group share their group's law),
+                each layer/head at the target; or ``"layer-budget"``/``"head-budget"``: the average
+                over (layer, head) at the target, spent where the error proxy says it is cheapest
+                (decode: one factor per KV group).
 
         Returns:
             ``(num_layers, num_heads)`` float32 CPU tensor.
+
+        Raises:
+            UnreachableTarget: (a ``ValueError``) a budget granularity cannot reach the target;
+                it says the largest reachable average.
         """
         target = _finite(target_sparsity, "target_sparsity")
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target}")
-        table = self.phase(phase).scale_factors(target, granularity)
+        try:
+            table = self.phase(phase).scale_factors(target, granularity)
+        except UnreachableTarget as exc:
+            raise UnreachableTarget(target, exc.max_sparsity, f"{granularity} in {phase}") from None
         return torch.zeros_like(table) if target == 0.0 else table
 
     def check_model_shape(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -295,7 +538,8 @@ class Calibration:
     def to_json(self) -> dict:
         out = {
             "format": FORMAT,
-            "version": VERSION,
+            # Version 2 promises error curves in every phase; a version 1 calibration stays one.
+            "version": VERSION if all(ph.budget is not None for ph in self.phases.values()) else 1,
             "model": {
                 "id": self.model_id,
                 "num_layers": self.num_layers,
@@ -321,17 +565,22 @@ class Calibration:
                 "layer_fits": [f.to_json() for f in ph.layer_fits],
                 "head_fits": [[f.to_json() for f in row] for row in ph.head_fits],
             }
+            if ph.budget is not None:
+                entry["budget"] = ph.budget.to_json()
             if self.target_sparsity is not None:
-                entry["scale_factor"] = {
-                    g: (
-                        float(ph.scale_factors(self.target_sparsity, g)[0, 0])
-                        if g == "uniform"
-                        else ph.scale_factors(self.target_sparsity, g)[:, 0].tolist()
-                        if g == "layer"
-                        else ph.scale_factors(self.target_sparsity, g).tolist()
+                # For readers only (not read back): the factors at the calibration's target.
+                entry["scale_factor"] = {}
+                for g in GRANULARITIES:
+                    if g in BUDGET_GRANULARITIES and ph.budget is None:
+                        continue
+                    try:
+                        table = ph.scale_factors(self.target_sparsity, g)
+                    except UnreachableTarget as exc:
+                        entry["scale_factor"][g] = f"unreachable: at most {exc.max_sparsity:.4f}"
+                        continue
+                    entry["scale_factor"][g] = (
+                        float(table[0, 0]) if g == "uniform" else table[:, 0].tolist() if g in ("layer", "layer-budget") else table.tolist()
                     )
-                    for g in GRANULARITIES
-                }
             out["phases"][name] = entry
         return out
 
@@ -348,8 +597,9 @@ class Calibration:
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ValueError(f"not a BLASST calibration: format is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") != VERSION:
-            raise ValueError(f"unsupported calibration version {d.get('version')!r} (this code reads version {VERSION})")
+        version = d.get("version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported calibration version {version!r} (this code reads versions {READABLE_VERSIONS})")
 
         def section(name) -> dict:
             value = d.get(name)
@@ -396,12 +646,18 @@ class Calibration:
             if not isinstance(points, list) or any(not isinstance(p, list) or len(p) != 3 for p in points):
                 raise ValueError(f"{where}.points must be a list of [length, scale_factor, sparsity]")
             points = [[_finite(v, f"{where}.points[{i}]") for v in p] for i, p in enumerate(points)]
+            budget = None
+            if version >= 2:
+                if "budget" not in ph:
+                    raise ValueError(f"{where}: missing field 'budget' (version {version} files have error curves)")
+                budget = BudgetCurves.from_json(ph["budget"], f"{where}.budget", num_layers, num_heads)
             phases[name] = PhaseCalibration(
                 fit,
                 [ExpFit.from_json(f, f"{where}.layer_fits[{i}]") for i, f in enumerate(layer_fits)],
                 [[ExpFit.from_json(f, f"{where}.head_fits[{i}][{h}]") for h, f in enumerate(row)] for i, row in enumerate(head_fits)],
                 lengths,
                 points,
+                budget,
             )
         return cls(model["id"], *shape, *block_values, phases, target)
 
@@ -486,18 +742,24 @@ def calibration_windows(tokenizer, length: int, count: int, skip_tokens: int = 0
 
 @dataclass
 class _Accumulator:
-    """Skipped/visited tile counts of one phase while the runs go: skipped ``(n_len, S, layers, heads)``."""
+    """The :class:`TileCounts` of one phase while the runs go (same fields, without the grid)."""
 
     skipped: torch.Tensor
     visited: torch.Tensor
+    dropped: torch.Tensor
+    rows: torch.Tensor
 
-    def add(self, length_index: int, layer: int, maps: torch.Tensor, group: int = 1) -> None:
-        """Add int8 sweep maps ``(S, H, ...)``; ``group`` > 1 broadcasts KV-head maps to query heads."""
+    def add(self, length_index: int, layer: int, maps: torch.Tensor, mass: torch.Tensor, group: int = 1) -> None:
+        """Add int8 sweep maps ``(S, H, ...)`` and skipped masses ``(S, Hq, rows...)`` (or ``(S, Hq)``
+        for one row per head); ``group`` > 1 broadcasts KV-head maps to query heads."""
         flat = maps.flatten(2).cpu()
         skipped = (flat == int(TileState.SKIPPED)).sum(-1).double().repeat_interleave(group, dim=1)
         visited = (flat[0] != int(TileState.UNVISITED)).sum(-1).double().repeat_interleave(group, dim=0)
+        mass = mass.reshape(mass.shape[0], mass.shape[1], -1).double().cpu()  # (S, Hq, rows)
         self.skipped[length_index, :, layer] += skipped
         self.visited[length_index, layer] += visited
+        self.dropped[length_index, :, layer] += mass.sum(-1)
+        self.rows[length_index, layer] += mass.shape[-1]
 
 
 def model_shape(model) -> tuple:
@@ -534,8 +796,11 @@ def calibrate(
         phase: ``"prefill"``, ``"decode"`` or ``"both"``.
         lengths: calibration sequence lengths in tokens.
         texts_per_length: disjoint windows run at each length.
-        n_lambdas: thresholds λ swept, log-spaced over ``lambda_range`` (λ < 1: λ ≥ 1 is dense),
-            all evaluated in one pass per run; at length ``L`` they are the factors ``λ·L``.
+        n_lambdas: thresholds λ swept per length, log-spaced over ``lambda_range`` (λ < 1: λ ≥ 1
+            is dense), all evaluated in one pass per run. Every length is swept at the same
+            factors ``λ·L``: the grid runs from ``lambda_range[0]`` times the shortest length to
+            ``lambda_range[1]`` times the longest, as dense as ``n_lambdas`` over the range (so a
+            few more points); where a factor is ``>= L`` that length is dense.
         block_m, block_n: prefill tile sizes; decode_block_n, decode_splits: decode's.
         decode_steps: the last positions of each window treated as decode steps.
         model_id: name recorded in the file (default: the model's ``name_or_path``).
@@ -556,31 +821,40 @@ def calibrate(
         raise ValueError(f"lambda_range must be 0 < low < high < 1, got {lambda_range}")
     num_layers, num_heads, num_kv_heads, head_dim = model_shape(model)
     group = num_heads // num_kv_heads
-    lams = torch.logspace(math.log10(lambda_range[0]), math.log10(lambda_range[1]), n_lambdas, dtype=torch.float64)
-    factors = lams[None, :] * torch.tensor(lengths, dtype=torch.float64)[:, None]  # (n_len, S)
+    low, high = math.log(lambda_range[0] * lengths[0]), math.log(lambda_range[1] * lengths[-1])
+    n_factors = math.ceil((n_lambdas - 1) * (high - low) / math.log(lambda_range[1] / lambda_range[0])) + 1
+    factors = torch.logspace(low, high, n_factors, base=math.e, dtype=torch.float64)  # (S,)
+    log_factors = torch.log(factors)
+    shape = (len(lengths), n_factors, num_layers, num_heads)
     acc = {
         p: _Accumulator(
-            torch.zeros(len(lengths), n_lambdas, num_layers, num_heads, dtype=torch.float64),
-            torch.zeros(len(lengths), num_layers, num_heads, dtype=torch.float64),
+            torch.zeros(shape, dtype=torch.float64), torch.zeros(len(lengths), num_layers, num_heads, dtype=torch.float64),
+            torch.zeros(shape, dtype=torch.float64), torch.zeros(len(lengths), num_layers, num_heads, dtype=torch.float64),
         )
         for p in phases
     }
     length_index = 0  # the run's length; on_attention reads it at call time
 
+    def log_lams(kv_len: int) -> torch.Tensor:
+        """``(S,)`` ln λ of the grid at ``kv_len`` keys; ``-inf`` (dense) where ``λ >= 1``."""
+        out = log_factors - math.log(kv_len)
+        return out.masked_fill(out >= 0, -math.inf)
+
     def on_attention(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         kv_len = k.shape[0]
-        log_factors = torch.log(factors[length_index])
         if "prefill" in acc:
-            maps = prefill_skip_sweep(q, k, log_factors - math.log(kv_len), block_m=block_m, block_n=block_n)
-            acc["prefill"].add(length_index, layer, maps)
+            maps, mass = prefill_skip_sweep(
+                q, k, log_lams(kv_len), block_m=block_m, block_n=block_n, return_skipped_mass=True
+            )
+            acc["prefill"].add(length_index, layer, maps, mass)
         if "decode" in acc:
             for step in range(decode_steps):
                 pos = kv_len - decode_steps + step  # this step's query sees keys [0, pos]
-                maps = decode_skip_sweep(
-                    q[q.shape[0] - kv_len + pos], k[: pos + 1], log_factors - math.log(pos + 1),
-                    block_n=decode_block_n, num_splits=decode_splits,
+                maps, mass = decode_skip_sweep(
+                    q[q.shape[0] - kv_len + pos], k[: pos + 1], log_lams(pos + 1),
+                    block_n=decode_block_n, num_splits=decode_splits, return_skipped_mass=True,
                 )
-                acc["decode"].add(length_index, layer, maps, group)
+                acc["decode"].add(length_index, layer, maps, mass, group)
 
     runs = [(i, w) for i, n in enumerate(lengths) for w in calibration_windows(tokenizer, n, texts_per_length)]
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -588,7 +862,10 @@ def calibrate(
         for i, ids in tqdm(runs, desc="calibrate", unit="text", disable=not progress):
             length_index = i
             base(input_ids=ids.to(model.device), use_cache=False)
-    fitted = {p: fit_phase(TileCounts(lengths, factors, a.skipped, a.visited)) for p, a in acc.items()}
+    fitted = {
+        p: fit_phase(TileCounts(lengths, factors, a.skipped, a.visited, a.dropped, a.rows), 1 if p == "prefill" else group)
+        for p, a in acc.items()
+    }
     return Calibration(
         model_id or getattr(model.config, "name_or_path", "") or type(model).__name__,
         num_layers, num_heads, num_kv_heads, head_dim,
@@ -666,6 +943,13 @@ def _run_calibrate(args) -> int:
         factor = ph.fit.scale_factor(args.target_sparsity)
         print(f"{name}: lambda*L = {ph.fit.a:.4g} * exp({ph.fit.b:.4g} * sparsity)  R^2={ph.fit.r2:.3f}  "
               f"({ph.fit.n_points} points); factor for {args.target_sparsity:g}: {factor:.4g}")
+        try:
+            alloc = ph.allocation(args.target_sparsity, "head-budget")
+        except UnreachableTarget as exc:
+            print(f"  head-budget: {exc}")
+        else:
+            print(f"  head-budget: median factor {float(alloc.factors.median()):.4g}, predicted sparsity "
+                  f"{alloc.sparsity:.3f}, skipped mass per row {alloc.error:.2e}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 

@@ -1,17 +1,24 @@
-"""Calibration: the exponential fit, the JSON file and its validation, and a tiny real-model run."""
+"""Calibration: the exponential fit, the budget allocation, the JSON file and its validation, and a
+tiny real-model run."""
 
+import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from blasst_sglang.calibration import (
     FORMAT,
+    GRANULARITIES,
     MAX_SCALE_FACTOR,
+    BudgetCurves,
     Calibration,
     ExpFit,
     TileCounts,
+    UnreachableTarget,
+    allocate_budget,
     fit_exponential,
     fit_phase,
     load_calibration,
@@ -21,7 +28,8 @@ NUM_LAYERS, NUM_HEADS = 3, 4
 
 
 def synthetic_counts(rng, a=0.8, b=6.0, noise=0.0) -> TileCounts:
-    """Counts whose sparsity follows ``s = a·exp(b·sparsity)`` exactly (layer i, head h: a·(1 + i + h/10))."""
+    """Counts whose sparsity follows ``s = a·exp(b·sparsity)`` exactly (layer i, head h: a·(1 + i + h/10)),
+    with a skipped mass per row of ``c·sparsity²`` (c = 0.01·(1 + (4i + h) mod 5))."""
     factors = torch.logspace(-2, 3, 20, dtype=torch.float64)
     lengths = [256, 512]
     visited = torch.full((len(lengths), NUM_LAYERS, NUM_HEADS), 1000.0, dtype=torch.float64)
@@ -29,7 +37,10 @@ def synthetic_counts(rng, a=0.8, b=6.0, noise=0.0) -> TileCounts:
     sparsity = torch.log(factors[:, None, None] / a_lh) / b  # (S, layers, heads)
     sparsity = sparsity + noise * torch.randn(sparsity.shape, generator=rng, dtype=torch.float64)
     skipped = (sparsity.clamp(0, 1) * 1000.0)[None].expand(len(lengths), -1, -1, -1).clone()
-    return TileCounts(lengths, factors, skipped, visited)
+    rows = torch.full((len(lengths), NUM_LAYERS, NUM_HEADS), 100.0, dtype=torch.float64)
+    cost = 0.01 * (1 + (4 * torch.arange(NUM_LAYERS)[:, None] + torch.arange(NUM_HEADS)[None, :]) % 5).double()
+    dropped = 100.0 * cost * (skipped / 1000.0) ** 2
+    return TileCounts(lengths, factors, skipped, visited, dropped, rows)
 
 
 def test_fit_recovers_known_law(rng):
@@ -105,8 +116,10 @@ def test_json_round_trip(rng, tmp_path):
     assert len(data["phases"]["prefill"]["scale_factor"]["head"]) == NUM_LAYERS
     back = load_calibration(path, model_shape=(NUM_LAYERS, NUM_HEADS, 2, 64))
     assert back == calib
-    for g in ("uniform", "layer", "head"):
+    for g in GRANULARITIES:
         assert torch.equal(back.scale_factors("decode", 0.6, g), calib.scale_factors("decode", 0.6, g))
+    budget = data["phases"]["prefill"]["budget"]
+    assert len(budget["sparsity"]) == NUM_LAYERS and len(budget["error"][0]) == NUM_HEADS and budget["group"] == 1
 
 
 def corrupt(path, edit):
@@ -152,6 +165,127 @@ def test_not_json_and_other_model_and_missing_phase(rng, tmp_path):
     assert (calib.scale_factors("prefill", 0.0) == 0).all()  # target 0: dense
 
 
+# --- budget allocation ---------------------------------------------------------------------------
+
+GRID = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+#: Unit 0 loses little up to 80 % sparsity; unit 1 pays more and more for every step.
+CURVES = (
+    torch.tensor([[0.2, 0.4, 0.6, 0.8], [0.2, 0.4, 0.6, 0.8]], dtype=torch.float64),
+    torch.tensor([[0.0, 0.001, 0.002, 0.003], [0.01, 0.05, 0.2, 0.5]], dtype=torch.float64),
+)
+
+
+@pytest.mark.parametrize(
+    "target,factors,sparsity",
+    [
+        (0.5, [8.0, 1.0], [0.8, 0.2]),  # the cheap unit goes all the way first
+        (0.6, [8.0, 2.0], [0.8, 0.4]),
+        (0.55, [8.0, math.sqrt(2.0)], [0.8, 0.3]),  # the last step taken in part, in ln(factor)
+        (0.4, [8.0, 0.0], [0.8, 0.0]),
+        (0.0, [0.0, 0.0], [0.0, 0.0]),
+    ],
+)
+def test_allocation_spends_the_budget_where_it_is_cheap(target, factors, sparsity):
+    chosen, sp, err = allocate_budget(GRID, *CURVES, target)
+    torch.testing.assert_close(chosen, torch.tensor(factors, dtype=torch.float64))
+    torch.testing.assert_close(sp, torch.tensor(sparsity, dtype=torch.float64))
+    assert float(sp.mean()) == pytest.approx(target)
+    # Unit 0's points are collinear: the hull goes from 20 % straight to 80 %, so 4.0 is never a
+    # stopping point of its own, and every chosen factor is on the grid or between two grid points.
+    assert err[0] == pytest.approx(0.003 if target > 0 else 0.0)
+
+
+def test_unreachable_target_says_how_far_it_gets():
+    with pytest.raises(UnreachableTarget, match=r"target sparsity 0.85 is out of reach.*at most 0.800") as info:
+        allocate_budget(GRID, *CURVES, 0.85)
+    assert info.value.max_sparsity == pytest.approx(0.8)
+    assert isinstance(info.value, ValueError)
+
+
+def test_allocation_is_optimal_among_grid_choices(rng):
+    """No choice of grid points (or dense) with at least the predicted sparsity has less error."""
+    units, k = 3, 5
+    sparsity = torch.rand(units, k, generator=rng, dtype=torch.float64).sort(dim=1).values
+    error = torch.rand(units, k, generator=rng, dtype=torch.float64).sort(dim=1).values * sparsity
+    grid = torch.logspace(0, 2, k, dtype=torch.float64)
+    options = [[(0.0, 0.0)] + list(zip(sparsity[u].tolist(), error[u].tolist())) for u in range(units)]
+    combos = [(sum(o[0] for o in c), sum(o[1] for o in c)) for c in itertools.product(*options)]
+    max_mean = sum(max(o[0] for o in opts) for opts in options) / units
+    for target in torch.linspace(0.0, max_mean, 23, dtype=torch.float64).tolist():
+        chosen, sp, err = allocate_budget(grid, sparsity, error, target)
+        # On target, but for a last step out of dense, which is taken whole or not at all.
+        assert abs(float(sp.mean()) - target) <= 0.5 * float(sparsity.max()) / units + 1e-9
+        best = min(e for s_, e in combos if s_ >= float(sp.sum()) - 1e-12)
+        assert float(err.sum()) <= best + 1e-12
+        assert ((chosen == 0) | ((chosen >= grid[0]) & (chosen <= grid[-1]))).all()
+
+
+def test_budget_granularities(rng):
+    counts = synthetic_counts(rng)
+    counts.skipped.clamp_(max=800.0)  # no head goes past 80 %
+    ph = fit_phase(counts, group=2)
+    for g in ("layer-budget", "head-budget"):
+        alloc = ph.allocation(0.5, g)
+        assert alloc.factors.shape == (NUM_LAYERS, NUM_HEADS) and alloc.factors.dtype == torch.float32
+        assert alloc.sparsity == pytest.approx(0.5, abs=0.02)
+        assert torch.equal(ph.scale_factors(0.5, g), alloc.factors)
+    heads = ph.allocation(0.5, "head-budget").factors.view(NUM_LAYERS, NUM_HEADS // 2, 2)
+    assert (heads == heads[..., :1]).all(), "heads deciding together (group 2) share a factor"
+    layer = ph.allocation(0.5, "layer-budget").factors
+    assert (layer == layer[:, :1]).all()
+    # Budget allocation beats equal sparsity per head on the error it minimises.
+    assert ph.allocation(0.5, "head-budget").error < ph.allocation(0.5, "layer-budget").error + 1e-12
+    for g in ("layer-budget", "head-budget"):
+        with pytest.raises(UnreachableTarget, match="at most 0.800"):
+            ph.scale_factors(0.85, g)
+
+
+def test_version_1_files_load_without_budgets(rng, tmp_path):
+    path = tmp_path / "calib.json"
+    make_calibration(rng).save(path)
+
+    def to_v1(d):
+        d["version"] = 1
+        for ph in d["phases"].values():
+            ph.pop("budget")
+
+    corrupt(path, to_v1)
+    calib = load_calibration(path)
+    assert calib.phases["prefill"].budget is None
+    assert calib.scale_factors("prefill", 0.5, "head").shape == (NUM_LAYERS, NUM_HEADS)
+    with pytest.raises(ValueError, match="version 1.*re-run `blasst calibrate`"):
+        calib.scale_factors("prefill", 0.5, "head-budget")
+    calib.save(path)  # without curves it is written back as version 1
+    assert json.loads(path.read_text())["version"] == 1 and load_calibration(path) == calib
+
+
+@pytest.mark.parametrize("name", ["calibration_smollm2.json", "calibration_smollm2_8k.json"])
+def test_committed_version_1_results_still_load(name):
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / name
+    if not path.exists():
+        pytest.skip(f"{path} not in this checkout")
+    calib = load_calibration(path, model_shape=(30, 9, 3, 64))
+    assert calib.scale_factors("prefill", 0.5, "layer").shape == (30, 9)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["phases"]["prefill"].pop("budget"), "missing field 'budget'"),
+        (lambda d: d["phases"]["prefill"]["budget"]["sparsity"].pop(), "budget.sparsity must be num_layers x num_heads"),
+        (lambda d: d["phases"]["prefill"]["budget"].update(group=3), "group must be a positive divisor"),
+        (lambda d: d["phases"]["prefill"]["budget"]["factors"].reverse(), "increasing"),
+        (lambda d: d["phases"]["prefill"]["budget"]["error"][0][0].__setitem__(0, -1.0), "error >= 0"),
+    ],
+)
+def test_bad_budgets_fail_clearly(rng, tmp_path, edit, message):
+    path = tmp_path / "calib.json"
+    make_calibration(rng).save(path)
+    corrupt(path, edit)
+    with pytest.raises(ValueError, match=message):
+        load_calibration(path)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from blasst_sglang.model import find_gguf, load_smollm2
@@ -189,14 +323,23 @@ def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
     for phase in ("prefill", "decode"):
         fit = calib.phases[phase].fit
         assert fit.n_points >= 2 and fit.b > 0 and math.isfinite(fit.r2)
-        # Points: 2 lengths x 10 thresholds, sparsity rising with the factor at each length.
-        sparsity = torch.tensor([p[2] for p in calib.phases[phase].points]).view(2, 10)
-        assert (sparsity.diff(dim=1) >= 0).all()
-        heads = calib.scale_factors(phase, 0.3, "head")
-        assert heads.shape == (30, 9) and torch.isfinite(heads).all() and (heads > 0).all()
-    # Decode heads of one KV group share their group's law.
-    decode = calib.scale_factors("decode", 0.3, "head").view(30, 3, 3)
-    assert (decode == decode[:, :, :1]).all()
+        # Points: 2 lengths x one factor grid, sparsity rising with the factor at each length until
+        # the factor reaches the length (lambda >= 1: dense).
+        points = torch.tensor(calib.phases[phase].points).view(2, -1, 3)
+        assert torch.equal(points[0, :, 1], points[1, :, 1]) and points.shape[1] >= 10
+        for i, n in enumerate((256, 512)):
+            sparse = points[i, :, 1] < n
+            assert (points[i, sparse, 2].diff() >= 0).all() and (points[i, ~sparse, 2] == 0).all()
+        for g in ("head", "head-budget"):
+            heads = calib.scale_factors(phase, 0.2, g)
+            assert heads.shape == (30, 9) and torch.isfinite(heads).all() and (heads >= 0).all()
+        # 64-token tiles at 256-512 tokens: the diagonal and first tiles cap prefill near 26 %.
+        alloc = calib.phases[phase].allocation(0.2, "head-budget")
+        assert alloc.sparsity == pytest.approx(0.2, abs=0.01) and 0 < alloc.error < 0.2
+    # Decode heads of one KV group share their group's law, and their budget factor.
+    for g in ("head", "head-budget"):
+        decode = calib.scale_factors("decode", 0.2, g).view(30, 3, 3)
+        assert (decode == decode[:, :, :1]).all()
     calib.save(tmp_path / "c.json")
     assert load_calibration(tmp_path / "c.json", model_shape=(30, 9, 3, 64)) == calib
 
