@@ -8,8 +8,9 @@ Two measurements per configuration (a set of threshold scale factors):
 - **Needle in a haystack**: a passphrase hidden at several depths of prompts of several lengths,
   answered by greedy generation; BLASST is on for prefill and decode.
 
-Configurations come from a calibration (each target sparsity at ``uniform``, ``layer`` and
-``head`` granularity) or from explicit uniform factors. Results go to a JSON file and a plot of
+Configurations come from a calibration (each target sparsity at each granularity of
+:data:`~blasst_sglang.calibration.GRANULARITIES`; a target a budget granularity cannot reach is
+reported, not run) or from explicit uniform factors. Results go to a JSON file and a plot of
 accuracy against achieved sparsity.
 """
 
@@ -19,13 +20,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .calibration import (
     GRANULARITIES,
     Calibration,
+    UnreachableTarget,
     add_model_arguments,
     calibration_windows,
     load_calibration,
@@ -56,7 +58,7 @@ class EvalConfig:
 
     Attributes:
         label: name in tables and plots.
-        granularity: ``"uniform"``, ``"layer"`` or ``"head"`` (plot series).
+        granularity: one of :data:`~blasst_sglang.calibration.GRANULARITIES` (plot series).
         target: calibrated target sparsity, ``None`` for explicit factors.
         prefill: ``(num_layers, num_heads)`` float32 prefill factors. decode: same for decode,
             ``None`` = dense decode.
@@ -98,14 +100,26 @@ class EvalResult:
         return sum(self.needle.values()) / len(self.needle) if self.needle else None
 
 
-def configs_from_calibration(calib: Calibration, targets: Sequence[float], granularities: Sequence[str] = GRANULARITIES) -> List[EvalConfig]:
-    """Every (target, granularity) pair; decode factors too when the calibration has that phase."""
-    out = []
+def configs_from_calibration(
+    calib: Calibration, targets: Sequence[float], granularities: Sequence[str] = GRANULARITIES
+) -> Tuple[List[EvalConfig], Dict[str, str]]:
+    """Every (target, granularity) pair; decode factors too when the calibration has that phase.
+
+    Returns:
+        ``(configs, unreachable)``: ``unreachable`` maps the label of each pair a budget
+        granularity cannot reach (in either phase) to the reason, with the largest reachable sparsity.
+    """
+    out, unreachable = [], {}
     for t in targets:
         for g in granularities:
-            decode = calib.scale_factors("decode", t, g) if "decode" in calib.phases else None
-            out.append(EvalConfig(f"{g} @{t:g}", g, float(t), calib.scale_factors("prefill", t, g), decode))
-    return out
+            label = f"{g} @{t:g}"
+            try:
+                prefill = calib.scale_factors("prefill", t, g)
+                decode = calib.scale_factors("decode", t, g) if "decode" in calib.phases else None
+                out.append(EvalConfig(label, g, float(t), prefill, decode))
+            except UnreachableTarget as exc:
+                unreachable[label] = str(exc)
+    return out, unreachable
 
 
 def configs_from_factors(factors: Sequence[float], num_layers: int, num_heads: int) -> List[EvalConfig]:
@@ -286,9 +300,11 @@ def _run_eval(args) -> int:
     if args.calibration:
         calib = load_calibration(args.calibration)
         calib.check_model_shape(*model_shape(model))
-        configs = configs_from_calibration(calib, args.targets, args.granularities)
+        configs, unreachable = configs_from_calibration(calib, args.targets, args.granularities)
+        for label, reason in unreachable.items():
+            print(f"not run: {label}: {reason}")
     else:
-        configs = configs_from_factors(args.scale_factors, cfg.num_hidden_layers, cfg.num_attention_heads)
+        configs, unreachable = configs_from_factors(args.scale_factors, cfg.num_hidden_layers, cfg.num_attention_heads), {}
     results = evaluate(
         model, tok, configs, text_len=args.text_len, last_n=args.last_n,
         needle_lengths=args.needle_lengths, needle_depths=args.needle_depths, max_new_tokens=args.max_new_tokens,
@@ -301,6 +317,7 @@ def _run_eval(args) -> int:
         "last_n": args.last_n,
         "needle_lengths": args.needle_lengths,
         "needle_depths": args.needle_depths,
+        "unreachable": unreachable,
         **{k: getattr(_settings(None, record=False), k) for k in ("block_m", "block_n", "decode_block_n", "decode_splits")},
     }
     path = write_results(results, args.out, args.name, meta, f"BLASST vs dense: {model_id}, {args.text_len} tokens, last {args.last_n} ({model.device})")

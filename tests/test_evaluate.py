@@ -20,10 +20,19 @@ from test_calibration import synthetic_counts
 def test_configs_from_calibration(rng):
     ph = fit_phase(synthetic_counts(rng))
     calib = Calibration("m", 3, 4, 2, 64, 64, 64, 64, 1, {"prefill": ph}, 0.7)
-    configs = configs_from_calibration(calib, [0.5, 0.7])
+    configs, unreachable = configs_from_calibration(calib, [0.5, 0.7], ["uniform", "layer", "head"])
     assert [c.label for c in configs] == ["uniform @0.5", "layer @0.5", "head @0.5", "uniform @0.7", "layer @0.7", "head @0.7"]
-    assert all(c.prefill.shape == (3, 4) and c.decode is None for c in configs)
+    assert all(c.prefill.shape == (3, 4) and c.decode is None for c in configs) and unreachable == {}
     assert torch.equal(configs[2].prefill, calib.scale_factors("prefill", 0.5, "head"))
+
+
+def test_unreachable_budget_targets_are_reported_not_run(rng):
+    counts = synthetic_counts(rng)
+    counts.skipped.clamp_(max=800.0)  # no head goes past 80 %
+    calib = Calibration("m", 3, 4, 2, 64, 64, 64, 64, 1, {"prefill": fit_phase(counts)}, 0.7)
+    configs, unreachable = configs_from_calibration(calib, [0.5, 0.9], ["layer", "head-budget"])
+    assert [c.label for c in configs] == ["layer @0.5", "head-budget @0.5", "layer @0.9"]
+    assert list(unreachable) == ["head-budget @0.9"] and "head-budget in prefill: the calibration sweep reached at most 0.800" in unreachable["head-budget @0.9"]
 
 
 def test_configs_from_factors():
