@@ -9,11 +9,14 @@ flag                                   environment variable                meani
 ``--blasst-decode-threshold-scale S``   ``BLASST_DECODE_THRESHOLD_SCALE``   threshold scale factor for decode
 ``--blasst-calibration FILE``           ``BLASST_CALIBRATION``              per-(layer, head) factors from a calibration
 ``--blasst-target-sparsity X``          ``BLASST_TARGET_SPARSITY``          the sparsity to read off the calibration
+``--blasst-granularity G``              ``BLASST_GRANULARITY``              how the calibration allots it (default head)
 ``--blasst-stats [N]``                  ``BLASST_STATS``                    count skipped tiles; log every N batches
 =====================================  ==================================  ==========================================
 
 ``λ = S / L`` per request (``L``: its KV length); ``S = 0`` is dense. A calibration gives one factor
-per (layer, query head) for each phase; an explicit ``--blasst-{prefill,decode}-threshold-scale``
+per (layer, query head) for each phase (``head``: every head at the target; ``head-budget``: the
+target on average, spent where the calibration's error proxy is lowest — see
+:mod:`blasst_sglang.calibration`); an explicit ``--blasst-{prefill,decode}-threshold-scale``
 overrides it for that phase (e.g. ``--blasst-decode-threshold-scale 0`` keeps decode dense).
 With no setting at all the backend runs BLASST's kernels densely.
 
@@ -52,6 +55,7 @@ ENV_VARS: Dict[str, str] = {
     "decode_threshold_scale": "BLASST_DECODE_THRESHOLD_SCALE",
     "calibration": "BLASST_CALIBRATION",
     "target_sparsity": "BLASST_TARGET_SPARSITY",
+    "granularity": "BLASST_GRANULARITY",
     "stats_interval": "BLASST_STATS",
 }
 
@@ -61,6 +65,7 @@ FLAGS: Dict[str, str] = {
     "decode_threshold_scale": "--blasst-decode-threshold-scale",
     "calibration": "--blasst-calibration",
     "target_sparsity": "--blasst-target-sparsity",
+    "granularity": "--blasst-granularity",
     "stats_interval": "--blasst-stats",
 }
 
@@ -95,6 +100,14 @@ def _parse_stats(text: str) -> int:
     return value
 
 
+def _parse_granularity(text: str) -> str:
+    from .calibration import GRANULARITIES
+
+    if text not in GRANULARITIES:
+        raise ValueError(f"expected one of {', '.join(GRANULARITIES)}, got {text!r}")
+    return text
+
+
 def _parse_path(text: str) -> str:
     path = os.path.expanduser(text)
     if not os.path.isfile(path):
@@ -107,6 +120,7 @@ _PARSERS: Dict[str, Callable[[str], object]] = {
     "decode_threshold_scale": _parse_scale,
     "calibration": _parse_path,
     "target_sparsity": _parse_sparsity,
+    "granularity": _parse_granularity,
     "stats_interval": _parse_stats,
 }
 
@@ -120,6 +134,8 @@ class BlasstConfig:
         decode_threshold_scale: factor ``S`` for decode, ``None`` when not set.
         calibration: absolute path of a calibration file, or ``None``.
         target_sparsity: fraction in ``[0, 1)`` to read off the calibration (needs ``calibration``).
+        granularity: how the calibration allots the target (a
+            :data:`~blasst_sglang.calibration.GRANULARITIES` value); ``None`` means ``"head"``.
         stats_interval: log skip counters every this many batches; ``0`` counts nothing.
     """
 
@@ -127,6 +143,7 @@ class BlasstConfig:
     decode_threshold_scale: Optional[float] = None
     calibration: Optional[str] = None
     target_sparsity: Optional[float] = None
+    granularity: Optional[str] = None
     stats_interval: int = 0
 
     def __post_init__(self):
@@ -142,6 +159,8 @@ class BlasstConfig:
                 f"{FLAGS['calibration']} and {FLAGS['target_sparsity']} go together "
                 f"({ENV_VARS['calibration']} / {ENV_VARS['target_sparsity']}): got only one of them"
             )
+        if self.granularity is not None and self.calibration is None:
+            raise ValueError(f"{FLAGS['granularity']} / {ENV_VARS['granularity']} needs {FLAGS['calibration']}")
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "BlasstConfig":
@@ -162,11 +181,12 @@ class BlasstConfig:
         """Threshold scale factors per phase (``"prefill"``, ``"decode"``): ``(num_layers, num_heads)`` float32 on CPU.
 
         An explicit per-phase scale gives a constant table; otherwise the calibration's table at
-        ``target_sparsity`` (the file is read once). ``None`` means dense (nothing set, or all 0).
+        ``target_sparsity`` and ``granularity`` (the file is read once). ``None`` means dense
+        (nothing set, or all 0).
 
         Raises:
-            ValueError: the calibration file is bad, lacks a phase that needs it, or does not match
-                ``num_layers`` x ``num_heads``.
+            ValueError: the calibration file is bad, lacks a phase that needs it, does not match
+                ``num_layers`` x ``num_heads``, or cannot reach the target at a budget granularity.
         """
         scales = {"prefill": self.prefill_threshold_scale, "decode": self.decode_threshold_scale}
         calib = None
@@ -177,7 +197,8 @@ class BlasstConfig:
             if scales[phase] is not None:
                 table = torch.full((num_layers, num_heads), scales[phase], dtype=torch.float32)
             elif calib is not None:
-                table = calib.scale_factors(phase, self.target_sparsity, granularity="head").to(torch.float32).cpu()
+                granularity = self.granularity or "head"
+                table = calib.scale_factors(phase, self.target_sparsity, granularity).to(torch.float32).cpu()
                 if tuple(table.shape) != (num_layers, num_heads):
                     raise ValueError(
                         f"calibration {self.calibration} gave {phase} factors of shape {tuple(table.shape)}, "
@@ -217,7 +238,7 @@ class BlasstConfig:
             if scale is not None:
                 return f"{name} S={scale:g}" if scale else f"{name} dense"
             if self.calibration is not None:
-                return f"{name} calibrated (target sparsity {self.target_sparsity:g})"
+                return f"{name} calibrated (target sparsity {self.target_sparsity:g}, {self.granularity or 'head'})"
             return f"{name} dense"
 
         parts = [phase("prefill", self.prefill_threshold_scale), phase("decode", self.decode_threshold_scale)]
@@ -259,6 +280,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         FLAGS["target_sparsity"], dest="blasst_target_sparsity", type=_argparse_type("target_sparsity"), metavar="X",
         help="Fraction of tiles to skip, in [0, 1), read off the calibration.",
+    )
+    group.add_argument(
+        FLAGS["granularity"], dest="blasst_granularity", type=_argparse_type("granularity"), metavar="G",
+        help="How the calibration allots the target: head (default; every head at the target), head-budget "
+        "(the target on average, where skipping loses least), layer, layer-budget or uniform.",
     )
     group.add_argument(
         FLAGS["stats_interval"], dest="blasst_stats_interval", type=_argparse_type("stats_interval"), nargs="?",

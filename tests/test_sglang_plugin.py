@@ -94,6 +94,7 @@ def test_flags_parse():
         ("--blasst-target-sparsity", "1.5", r"fraction in \[0, 1\)"),
         ("--blasst-calibration", "/no/such/file.json", "no such calibration file"),
         ("--blasst-stats", "often", "whole number"),
+        ("--blasst-granularity", "tile", "expected one of uniform, layer, head, layer-budget, head-budget"),
         ("--attention-backend", "blast", "invalid choice"),
     ],
 )
@@ -126,6 +127,32 @@ def test_env_settings_and_errors(tmp_path):
     calib.write_text("{}")
     with pytest.raises(ValueError, match="go together"):
         BlasstConfig(calibration=str(calib))
+    with pytest.raises(ValueError, match="--blasst-granularity / BLASST_GRANULARITY needs --blasst-calibration"):
+        BlasstConfig.from_env({"BLASST_GRANULARITY": "head-budget"})
+
+
+def test_budget_granularity_reads_the_calibration_curves(rng, tmp_path):
+    """``--blasst-granularity head-budget``: the budget table; an unreachable target or a version 1
+    file (no curves) is a clear error."""
+    calibration = pytest.importorskip("blasst_sglang.calibration")
+    from test_calibration import NUM_HEADS, NUM_LAYERS, synthetic_counts
+
+    counts = synthetic_counts(rng)
+    counts.skipped.clamp_(max=800.0)  # no head goes past 80 %
+    path = tmp_path / "budget.json"
+    fitted = calibration.fit_phase(counts)
+    calib = calibration.Calibration("m", NUM_LAYERS, NUM_HEADS, 2, 64, 64, 64, 64, 1, {"prefill": fitted, "decode": fitted})
+    calib.save(path)
+    config = BlasstConfig(calibration=str(path), target_sparsity=0.5, granularity="head-budget")
+    tables = config.scale_factor_tables(NUM_LAYERS, NUM_HEADS)
+    for phase in ("prefill", "decode"):
+        assert torch.equal(tables[phase], calib.scale_factors(phase, 0.5, "head-budget"))
+    assert "head-budget" in config.describe()
+    with pytest.raises(calibration.UnreachableTarget, match="head-budget in prefill"):
+        BlasstConfig(calibration=str(path), target_sparsity=0.9, granularity="head-budget").scale_factor_tables(NUM_LAYERS, NUM_HEADS)
+    make_calibration(calibration, NUM_LAYERS, NUM_HEADS).save(path)  # no curves: written as version 1
+    with pytest.raises(ValueError, match="re-run `blasst calibrate`"):
+        config.scale_factor_tables(NUM_LAYERS, NUM_HEADS)
 
 
 def test_configure_writes_the_environment_for_the_engine():
