@@ -104,6 +104,11 @@ def server(args, backend: str, extra: List[str], log: Path):
     ]
     print(f"[serve] {' '.join(cmd)}", flush=True)
     base = f"http://127.0.0.1:{args.port}"
+    try:  # a server left over on this port would answer in place of the new one
+        with urllib.request.urlopen(base + "/health", timeout=2):
+            raise RuntimeError(f"port {args.port} already serves: stop that server first (pkill -f '[s]glang.launch_server')")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        pass
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
