@@ -222,7 +222,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-lens", nargs="+", type=int, default=[200, 1000, 2500, 5000])
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tie-gap", type=float, default=0.05, help="top-2 logprob gap (nats) below which a split is a near-tie")
+    ap.add_argument("--tie-gap", type=float, default=0.07,
+                    help="top-2 logprob gap (nats) below which a split is a near-tie (default: one bf16 step of a logit of 8-16)")
     ap.add_argument("--model-dir", default="/tmp/tp_llama")
     ap.add_argument("--tokenizer-dir", default="/root/smollm2")
     ap.add_argument("--cuda-graph", action="store_true", help="keep CUDA graphs on (off by default: faster start)")
