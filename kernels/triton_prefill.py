@@ -10,12 +10,22 @@ in three stages, like the causal stages of Triton's fused-attention tutorial:
 Stages 1 and 2 may skip a tile (``SKIP`` constexpr): after ``S = QKᵀ``, when every valid row's tile
 max is ``< running max + log2 λ`` the tile's softmax update, V load and P·V are not done.
 ``SKIP=False`` compiles the dense kernel from the same source.
+
+Stage 2 (most of the work) reads K and V through TMA tensor descriptors when the launcher can make
+them (``TMA``): the descriptor holds the addressing, so the loop carries no 2-D pointer tensors. With
+pointer loads, 128×128 tiles at d=128 need 255 registers and spill (sm_90 compile); with TMA, 189.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.3: pointer loads only
+    TensorDescriptor = None
 
 
 @triton.jit
@@ -27,16 +37,19 @@ def _log2_lambda(scale_ptr, head, kv_len):
 
 @triton.jit
 def _attn_tiles(
-    acc, l_i, m_i, n_seen, n_skip,
+    acc, l_i, m_i, n_skip,
     q, q_pe, log2_lam, row_ok, row_pos,
-    K, V, stride_kt, stride_vt, idx_ptr,
+    K, V, stride_kt, stride_vt, idx_ptr, k_desc, v_desc, desc_row, desc_col,
     lo, hi, seg_len, key_pos0,
     map_ptr, tile0, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
     GATHER: tl.constexpr, DIAGONAL: tl.constexpr, MASK_N: tl.constexpr, SKIP: tl.constexpr,
-    RECORD_MAP: tl.constexpr,
+    RECORD_MAP: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Key tiles ``[lo, hi)`` of one segment (segment-local positions; ``seg_len`` real keys)."""
+    """Key tiles ``[lo, hi)`` of one segment (segment-local positions; ``seg_len`` real keys).
+
+    ``TMA``: K/V tiles come from ``k_desc``/``v_desc`` at row ``desc_row + start``, column ``desc_col``
+    (only for full tiles: no ``GATHER``, ``MASK_N`` or ``BLOCK_DPE``)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
@@ -46,7 +59,9 @@ def _attn_tiles(
             rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
         else:
             rows = offs_n.to(tl.int64)
-        if MASK_N:
+        if TMA:
+            k = k_desc.load([desc_row + start, desc_col]).T
+        elif MASK_N:
             k = tl.load(K + rows[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         else:
             k = tl.load(K + rows[None, :] * stride_kt + offs_d[:, None])
@@ -71,20 +86,23 @@ def _attn_tiles(
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + rows[:, None] * stride_vt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if TMA:
+                v = v_desc.load([desc_row + start, desc_col])
+            else:
+                v = tl.load(V + rows[:, None] * stride_vt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+            # Accumulate inside the dot (wgmma's accumulator) rather than adding its result.
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
-        n_seen += 1
         n_skip += 1 - keep
         if RECORD_MAP:
             # TileState: 1 = computed, 2 = skipped.
-            tl.store(map_ptr + tile0 + (start - lo) // BLOCK_N, (n_seen * 0 + 2 - keep).to(tl.int8))
-    return acc, l_i, m_i, n_seen, n_skip
+            tl.store(map_ptr + tile0 + (start - lo) // BLOCK_N, (n_skip * 0 + 2 - keep).to(tl.int8))
+    return acc, l_i, m_i, n_skip
 
 
 @triton.jit
 def extend_fwd_kernel(
-    Q, K_ext, V_ext, K_buf, V_buf, O,
+    Q, K_ext, V_ext, K_buf, V_buf, O, k_desc, v_desc,
     qo_indptr, kv_indptr, kv_indices,
     scale_ptr, stats_ptr, map_ptr,
     sm_scale, kv_group,
@@ -95,6 +113,7 @@ def extend_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
+    TMA: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N")
     pid_m = tl.program_id(0)
@@ -125,38 +144,43 @@ def extend_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    n_seen = tl.zeros([], dtype=tl.int32)
     n_skip = tl.zeros([], dtype=tl.int32)
     map_row = map_ptr
     if RECORD_MAP:
         map_row = map_ptr + seq * stride_map_b + head * stride_map_h + pid_m * stride_map_m
     n_prefix_tiles = tl.cdiv(prefix_len, BLOCK_N)
 
-    # Stage 1: the cached prefix, through the paged buffers.
-    acc, l_i, m_i, n_seen, n_skip = _attn_tiles(
-        acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
-        K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
-        0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP,
-    )
+    # Stage 1: the cached prefix, through the paged buffers (compiled out when no sequence has one).
+    if HAS_PREFIX:
+        acc, l_i, m_i, n_skip = _attn_tiles(
+            acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+            K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
+            k_desc, v_desc, 0, 0,
+            0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP, False,
+        )
     # Stage 2: new tokens left of the diagonal (all of them when not causal).
     K_seg = K_ext + q_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     V_seg = V_ext + q_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     off_hi = pid_m * BLOCK_M if CAUSAL else ext_len
-    acc, l_i, m_i, n_seen, n_skip = _attn_tiles(
-        acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+    acc, l_i, m_i, n_skip = _attn_tiles(
+        acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
         K_seg, V_seg, stride_kt, stride_vt, kv_indices,
+        k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
         0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA and CAUSAL,
     )
     # Stage 3: the diagonal tiles, masked and never skipped.
+    diag_hi = off_hi
     if CAUSAL:
-        acc, l_i, m_i, n_seen, n_skip = _attn_tiles(
-            acc, l_i, m_i, n_seen, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+        diag_hi = tl.minimum(off_hi + BLOCK_M, ext_len)
+        acc, l_i, m_i, n_skip = _attn_tiles(
+            acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
             K_seg, V_seg, stride_kt, stride_vt, kv_indices,
-            off_hi, tl.minimum(off_hi + BLOCK_M, ext_len), ext_len, prefix_len,
+            k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
+            off_hi, diag_hi, ext_len, prefix_len,
             map_row, n_prefix_tiles + off_hi // BLOCK_N, qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, True, False, RECORD_MAP,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, True, False, RECORD_MAP, TMA,
         )
 
     out = acc / l_i[:, None]
@@ -164,7 +188,7 @@ def extend_fwd_kernel(
     o_ptrs = O + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + head * stride_oh + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if COUNT:
-        tl.atomic_add(stats_ptr + head * 2, n_seen)
+        tl.atomic_add(stats_ptr + head * 2, n_prefix_tiles + tl.cdiv(diag_hi, BLOCK_N))
         tl.atomic_add(stats_ptr + head * 2 + 1, n_skip)
 
 
@@ -177,8 +201,10 @@ def launch_extend(
     num_heads = q.shape[1]
     grid = (triton.cdiv(max_extend_len, block_m), num_heads, batch)
     map_strides = skip_map.stride()[:3] if skip_map is not None else (0, 0, 0)
+    k_desc = _row_descriptor(k, block_n) if causal and block_dpe == 0 and block_d == k.shape[2] else None
+    v_desc = _row_descriptor(v, block_n) if k_desc is not None and block_dv == v.shape[2] else None
     extend_fwd_kernel[grid](
-        q, k, v, k_buffer, v_buffer, out,
+        q, k, v, k_buffer, v_buffer, out, k_desc, v_desc,
         qo_indptr, kv_indptr, kv_indices,
         scale, stats, skip_map,
         sm_scale, num_heads // k.shape[1],
@@ -188,5 +214,18 @@ def launch_extend(
         *map_strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
         CAUSAL=causal, SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        TMA=v_desc is not None, HAS_PREFIX=kv_indices.numel() > 0, num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _row_descriptor(x, block_rows: int):
+    """A TMA descriptor over ``x`` (tokens, heads, dim) seen as a (tokens, heads * dim) matrix, in
+    (block_rows, dim) boxes; ``None`` where TMA cannot address it (strides or base not 16-byte aligned,
+    heads not packed, or no TMA: before sm_90, or a triton without tensor descriptors)."""
+    if TensorDescriptor is None or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9):
+        return None
+    tokens, heads, dim = x.shape
+    elem = x.element_size()
+    if x.stride(1) != dim or (x.stride(0) * elem) % 16 or x.data_ptr() % 16 or (dim * elem) % 16:
+        return None
+    return TensorDescriptor(x, [tokens, heads * dim], [x.stride(0), 1], [block_rows, dim])

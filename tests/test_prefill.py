@@ -2,6 +2,7 @@
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,6 +51,9 @@ def test_extend_matches_reference(dk, dv, group, rng):
     ext = [random.randint(1, 70) for _ in range(3)]
     opts = KernelOptions(32, 16)
     batch = make_batch(prefix, ext, hq, hkv, dk, dv, page_size, dtype, rng)
+    # SGLang hands over int64 index pointers: every kernel address (TMA rows included) must take them.
+    index_dtype = random.choice([torch.int32, torch.int64])
+    batch = replace(batch, qo_indptr=batch.qo_indptr.to(index_dtype), kv_indptr=batch.kv_indptr.to(index_dtype))
     check_extend(batch, hq, 0.5, opts, dtype=dtype)
 
 
