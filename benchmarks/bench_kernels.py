@@ -83,19 +83,25 @@ def measured_sparsity(fn_with_stats, num_heads) -> float:
     return s[1] / max(s[0], 1)
 
 
-def find_factor(fn_with_stats, num_heads, target, max_factor):
-    """Bisect log(scale factor) until the kernel's skipped fraction is within 2 % of ``target``."""
-    lo, hi = math.log(1e-4), math.log(max_factor)
+def bisect_factor(sparsity_at, target, max_factor, min_factor=1e-4, iters=18):
+    """Bisect log(scale factor) until ``sparsity_at(factor)`` is within 2 % of ``target``;
+    returns the closest ``(factor, sparsity)`` seen."""
+    lo, hi = math.log(min_factor), math.log(max_factor)
     best = None
-    for _ in range(18):
+    for _ in range(iters):
         mid = (lo + hi) / 2
-        sp = measured_sparsity(lambda st: fn_with_stats(math.exp(mid), st), num_heads)
+        sp = sparsity_at(math.exp(mid))
         if best is None or abs(sp - target) < abs(best[1] - target):
             best = (math.exp(mid), sp)
         if abs(sp - target) < 0.02:
             break
         lo, hi = (mid, hi) if sp < target else (lo, mid)
     return best
+
+
+def find_factor(fn_with_stats, num_heads, target, max_factor):
+    """:func:`bisect_factor` on the kernel's own skip counters."""
+    return bisect_factor(lambda f: measured_sparsity(lambda st: fn_with_stats(f, st), num_heads), target, max_factor)
 
 
 def check_prefill(hq, hkv, d, length=1536):

@@ -85,6 +85,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: synthetic.py, bench_kernels.py
 
 from synthetic import synthetic_qkv  # noqa: E402
+from bench_kernels import bisect_factor  # noqa: E402
 
 from blasst_kernels import KernelOptions, TileState, decode_attention, decode_reference, log_lambda  # noqa: E402
 from blasst_kernels.reference import decode_split_len  # noqa: E402
@@ -558,18 +559,8 @@ def sparsity_of(run, factor, hq, dev):
 
 
 def find_factor(cur, prob, target, iters):
-    """Bisect log(factor) on the current kernel's own counters (as bench_kernels.find_factor)."""
-    lo, hi = math.log(1e-4), math.log(prob.ctx / 2)
-    best = None
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        sp = sparsity_of(cur, math.exp(mid), prob.hq, prob.dev)
-        if best is None or abs(sp - target) < abs(best[1] - target):
-            best = (math.exp(mid), sp)
-        if abs(sp - target) < 0.02:
-            break
-        lo, hi = (mid, hi) if sp < target else (lo, mid)
-    return best
+    """Bisect log(factor) on the current kernel's own counters."""
+    return bisect_factor(lambda f: sparsity_of(cur, f, prob.hq, prob.dev), target, prob.ctx / 2, iters=iters)
 
 
 class Checker:

@@ -82,6 +82,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: synthetic.py, baselines.py
 
 from blasst_kernels import KernelOptions, log_lambda, prefill_attention, prefill_reference  # noqa: E402
+from bench_kernels import bisect_factor  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -508,19 +509,7 @@ def bench_ms(fn) -> float:
 
 def find_factor(q, k, vv, target, lo=1e-3, hi=None):
     """Bisect log(factor) on OUR kernel's counters until its skipped fraction is within 2 % of target."""
-    ours = VARIANTS[0]
-    hi = hi or q.shape[0] / 2
-    a, b = math.log(lo), math.log(hi)
-    best = None
-    for _ in range(16):
-        mid = (a + b) / 2
-        sp = sparsity_of(ours, q, k, vv, math.exp(mid))
-        if best is None or abs(sp - target) < abs(best[1] - target):
-            best = (math.exp(mid), sp)
-        if abs(sp - target) < 0.02:
-            break
-        a, b = (mid, b) if sp < target else (a, mid)
-    return best
+    return bisect_factor(lambda f: sparsity_of(VARIANTS[0], q, k, vv, f), target, hi or q.shape[0] / 2, lo, 16)
 
 
 def gpu_inputs(L, hq, hkv, d, sharpness, seed=0):
