@@ -43,10 +43,10 @@ def test_decode_sweep_rejects_bad_grouping():
 
 @pytest.mark.parametrize("prefix_len", [0, 40])
 def test_prefill_sweep_matches_reference(prefix_len, rng):
-    hq, hkv, block_m, block_n, new = 4, 2, 16, 16, 70
+    hq, hkv, block_m, block_n, new = 4, 2, 16, 16, 160
     batch = make_batch([prefix_len], [new], hq, hkv, 64, 64, 16, torch.float32, rng)
     q, k, v = batch.sequence(0)
-    log_lams = torch.linspace(math.log(1e-4), math.log(0.5), 5)
+    log_lams = torch.linspace(math.log(1e-4), math.log(0.9), 5)  # up to 0.9: tiles of real weight get skipped
     log_lams[0] = -math.inf
     maps, mass = prefill_skip_sweep(
         q, k, log_lams, prefix_len=prefix_len, block_m=block_m, block_n=block_n, compute_dtype=torch.float64,
