@@ -88,6 +88,8 @@ def _attn_tiles(
             l_i = l_i * alpha + tl.sum(p, 1)
             if TMA:
                 v = v_desc.load([desc_row + start, desc_col])
+                if MASK_N:  # rows past the segment may be padding (NaN): p is 0 there, but 0·NaN is not
+                    v = tl.where(n_ok[:, None], v, 0.0)
             else:
                 v = tl.load(V + rows[:, None] * stride_vt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
             # Accumulate inside the dot (wgmma's accumulator) rather than adding its result.
