@@ -25,11 +25,18 @@ a greedy walk along each unit's convex error-vs-sparsity curve — the Lagrangia
 above what the sweep reached is refused with the largest reachable sparsity
 (:class:`UnreachableTarget`).
 
+A unit of dropped mass does not cost every layer alike at the output, so each layer's error is
+weighted by its measured sensitivity (:func:`layer_sensitivity`): the KL of the final logits when
+only that layer runs BLASST, per unit of its skipped mass, measured at a factor where its mass is
+near :data:`SENSITIVITY_MASS` (one dense pass and one pass per layer on one essay window). The
+weights are measured in prefill and serve both phases.
+
 Every length is swept at the same factors (``λ = factor / L``, dense where ``λ ≥ 1``), so that the
 curves of the lengths add up.
 
 The result is a versioned JSON file (:meth:`Calibration.save`, :func:`load_calibration`); version 1
-files (no error curves) still load, without the budget granularities.
+files (no error curves) still load, without the budget granularities; version 2 files (error curves,
+no layer weights) still load and allocate by the unweighted mass.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ __all__ = [
     "calibration_windows",
     "fit_exponential",
     "fit_phase",
+    "layer_sensitivity",
     "load_calibration",
     "load_model",
     "model_shape",
@@ -69,15 +77,20 @@ __all__ = [
 ]
 
 FORMAT = "blasst-calibration"
-VERSION = 2
-#: Versions :func:`load_calibration` reads (version 1 has no error curves, so no budget granularities).
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+#: Versions :func:`load_calibration` reads (version 1 has no error curves, so no budget granularities;
+#: version 2 has no layer weights).
+READABLE_VERSIONS = (1, 2, 3)
 PHASES = ("prefill", "decode")
 GRANULARITIES = ("uniform", "layer", "head", "layer-budget", "head-budget")
 #: The granularities that allocate a sparsity budget by the error proxy (need :class:`BudgetCurves`).
 BUDGET_GRANULARITIES = ("layer-budget", "head-budget")
 #: What :attr:`BudgetCurves.error` measures (written to the JSON for readers).
 ERROR_PROXY = "mean over query rows of the dense softmax mass in skipped tiles"
+#: What :attr:`BudgetCurves.layer_weight` measures (written to the JSON for readers).
+LAYER_WEIGHT = "KL(dense || blasst) of the final logits per unit of error proxy, only that layer sparse"
+#: :func:`layer_sensitivity` measures each layer at the grid factor whose skipped mass is nearest this.
+SENSITIVITY_MASS = 1e-2
 #: Points outside this sparsity range are dropped before fitting (the law bends at both ends).
 SPARSITY_RANGE = (0.10, 0.90)
 #: A layer or head needs this many usable points for a law of its own (else it inherits one).
@@ -212,7 +225,8 @@ class Allocation:
     Attributes:
         factors: ``(num_layers, num_heads)`` float32 threshold scale factors (0: dense).
         sparsity: predicted average sparsity over (layer, head) on the calibration runs.
-        error: predicted average error proxy (:data:`ERROR_PROXY`) over (layer, head).
+        error: predicted average error proxy (:data:`ERROR_PROXY`) over (layer, head), each layer's
+            times its :attr:`BudgetCurves.layer_weight` when the calibration has them.
     """
 
     factors: torch.Tensor
@@ -308,12 +322,15 @@ class BudgetCurves:
         error: ``(num_layers, num_heads, K)`` float64 error proxy (:data:`ERROR_PROXY`).
         group: query heads that decide together and so get one factor (1 for prefill, the GQA
             group size for decode).
+        layer_weight: ``(num_layers,)`` float64 sensitivity of each layer (:data:`LAYER_WEIGHT`,
+            see :func:`layer_sensitivity`) the allocation multiplies its error by; ``None``: all alike.
     """
 
     factors: torch.Tensor
     sparsity: torch.Tensor
     error: torch.Tensor
     group: int = 1
+    layer_weight: Optional[torch.Tensor] = None
 
     @classmethod
     def from_counts(cls, counts: "TileCounts", group: int) -> "BudgetCurves":
@@ -324,13 +341,17 @@ class BudgetCurves:
                    error.permute(1, 2, 0).contiguous(), group)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, BudgetCurves) and self.group == other.group and all(
-            torch.equal(getattr(self, n), getattr(other, n)) for n in ("factors", "sparsity", "error")
-        )
+        if not isinstance(other, BudgetCurves) or self.group != other.group:
+            return False
+        if (self.layer_weight is None) != (other.layer_weight is None):
+            return False
+        names = ("factors", "sparsity", "error") + (() if self.layer_weight is None else ("layer_weight",))
+        return all(torch.equal(getattr(self, n), getattr(other, n)) for n in names)
 
     def allocation(self, target: float, granularity: str) -> Allocation:
         """Budget factors for ``target`` at ``"layer-budget"`` (one factor per layer) or
-        ``"head-budget"`` (one per head; per KV group when ``group`` > 1); see :func:`allocate_budget`."""
+        ``"head-budget"`` (one per head; per KV group when ``group`` > 1); see :func:`allocate_budget`.
+        Each layer's error counts :attr:`layer_weight` times (when measured)."""
         layers, heads, k = self.sparsity.shape
         if granularity == "layer-budget":
             per = heads
@@ -338,24 +359,29 @@ class BudgetCurves:
             per = self.group
         else:
             raise ValueError(f"budget granularity must be one of {BUDGET_GRANULARITIES}, got {granularity!r}")
-        # A unit of `per` heads: their mean sparsity, their summed error.
+        # A unit of `per` heads: their mean sparsity, their summed (weighted) error.
+        error = self.error if self.layer_weight is None else self.error * self.layer_weight[:, None, None]
         sp = self.sparsity.reshape(-1, per, k).mean(1)
-        er = self.error.reshape(-1, per, k).sum(1)
+        er = error.reshape(-1, per, k).sum(1)
         chosen, sp_u, er_u = allocate_budget(self.factors, sp, er, target, granularity)
         table = chosen.repeat_interleave(per).view(layers, heads).float()
         return Allocation(table, float(sp_u.mean()), float(er_u.sum()) / (layers * heads))
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "error_proxy": ERROR_PROXY,
             "group": self.group,
             "factors": self.factors.tolist(),
             "sparsity": self.sparsity.tolist(),
             "error": self.error.tolist(),
         }
+        if self.layer_weight is not None:
+            out.update(layer_weight_meaning=LAYER_WEIGHT, layer_weight=self.layer_weight.tolist())
+        return out
 
     @classmethod
-    def from_json(cls, d, where: str, num_layers: int, num_heads: int) -> "BudgetCurves":
+    def from_json(cls, d, where: str, num_layers: int, num_heads: int, with_weights: bool = False) -> "BudgetCurves":
+        """Parse :meth:`to_json`'s layout; ``with_weights`` (version 3): ``layer_weight`` is required."""
         if not isinstance(d, dict):
             raise ValueError(f"{where} must be an object with factors, sparsity, error, group")
         group = d.get("group")
@@ -377,7 +403,17 @@ class BudgetCurves:
                 raise ValueError(f"{where}.{name} must be num_layers x num_heads x factors = {num_layers} x {num_heads} x {k}, got {tuple(t.shape)}")
         if not bool(((sparsity >= 0) & (sparsity <= 1)).all()) or not bool((error >= 0).all()):
             raise ValueError(f"{where}: sparsity must be in [0, 1] and error >= 0")
-        return cls(factors, sparsity, error, group)
+        weight = None
+        if with_weights:
+            if "layer_weight" not in d:
+                raise ValueError(f"{where}: missing field 'layer_weight' (version 3 files have layer weights)")
+            try:
+                weight = torch.tensor(d["layer_weight"], dtype=torch.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}.layer_weight must be a list of numbers ({exc})") from None
+            if tuple(weight.shape) != (num_layers,) or not bool((weight >= 0).all()):
+                raise ValueError(f"{where}.layer_weight must be num_layers={num_layers} numbers >= 0, got shape {tuple(weight.shape)}")
+        return cls(factors, sparsity, error, group, weight)
 
 
 @dataclass
@@ -421,7 +457,7 @@ class PhaseCalibration:
         :meth:`BudgetCurves.allocation`. ``ValueError`` when the phase has no curves (version 1 file)."""
         if self.budget is None:
             raise ValueError(
-                f"granularity {granularity!r} needs the error curves of a version {VERSION} calibration; this one "
+                f"granularity {granularity!r} needs the error curves of a version 2+ calibration; this one "
                 f"(version 1) has none: re-run `blasst calibrate`, or use 'uniform', 'layer' or 'head'"
             )
         return self.budget.allocation(target_sparsity, granularity)
@@ -538,8 +574,10 @@ class Calibration:
     def to_json(self) -> dict:
         out = {
             "format": FORMAT,
-            # Version 2 promises error curves in every phase; a version 1 calibration stays one.
-            "version": VERSION if all(ph.budget is not None for ph in self.phases.values()) else 1,
+            # Version 3 promises layer-weighted error curves in every phase, version 2 error curves;
+            # an older calibration keeps its version.
+            "version": VERSION if all(ph.budget is not None and ph.budget.layer_weight is not None for ph in self.phases.values())
+            else 2 if all(ph.budget is not None for ph in self.phases.values()) else 1,
             "model": {
                 "id": self.model_id,
                 "num_layers": self.num_layers,
@@ -650,7 +688,7 @@ class Calibration:
             if version >= 2:
                 if "budget" not in ph:
                     raise ValueError(f"{where}: missing field 'budget' (version {version} files have error curves)")
-                budget = BudgetCurves.from_json(ph["budget"], f"{where}.budget", num_layers, num_heads)
+                budget = BudgetCurves.from_json(ph["budget"], f"{where}.budget", num_layers, num_heads, version >= 3)
             phases[name] = PhaseCalibration(
                 fit,
                 [ExpFit.from_json(f, f"{where}.layer_fits[{i}]") for i, f in enumerate(layer_fits)],
@@ -769,6 +807,69 @@ def model_shape(model) -> tuple:
     return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
 
 
+def layer_sensitivity(
+    model, tokenizer, factors: torch.Tensor, *, length: int = 2048, block_m: int = 64, block_n: int = 64,
+    reference_mass: float = SENSITIVITY_MASS, progress: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """How much the final logits suffer per unit of skipped mass, layer by layer (prefill).
+
+    On one ``length``-token essay window: a dense pass measures every layer's mean skipped mass per
+    query row (over heads and rows) at each of ``factors``; then, for each layer, one pass with only
+    that layer running BLASST at the factor whose mass is nearest ``reference_mass`` (in log) measures
+    ``KL(dense ‖ blasst)`` of the next-token distributions over the window's last quarter.
+    The weight is ``KL / mass``. A layer whose mass there is below ``reference_mass / 10`` (its
+    attention is too spread out to skip much at any factor) cannot be measured at a comparable mass
+    and gets the largest weight of the measured layers.
+
+    Returns:
+        ``{"weight", "kl", "mass", "factor"}``: ``(num_layers,)`` float64 tensors (``factor`` 0 and
+        ``kl`` NaN where not measured).
+    """
+    from tqdm.auto import tqdm
+
+    from .hf_attention import BlasstSettings, blasst_attention
+
+    num_layers = model_shape(model)[0]
+    factors = torch.as_tensor(factors, dtype=torch.float64)
+    log_lams = torch.log(factors) - math.log(length)
+    log_lams = log_lams.masked_fill(log_lams >= 0, -math.inf)  # λ >= 1: dense
+    (ids,) = calibration_windows(tokenizer, length, 1)
+    ids, last_n = ids.to(model.device), length // 4
+    masses = torch.zeros(num_layers, factors.numel(), dtype=torch.float64)
+
+    def on_attention(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        _, mass = prefill_skip_sweep(q, k, log_lams, block_m=block_m, block_n=block_n, return_skipped_mass=True)
+        masses[layer] = mass.double().mean((1, 2)).cpu()
+
+    def logprobs(settings=None) -> torch.Tensor:
+        with torch.inference_mode():
+            if settings is None:
+                logits = model(input_ids=ids, logits_to_keep=last_n, use_cache=False).logits
+            else:
+                with blasst_attention(model, settings):
+                    logits = model(input_ids=ids, logits_to_keep=last_n, use_cache=False).logits
+        return torch.log_softmax(logits[0].double(), dim=-1).cpu()
+
+    with capture_qk(model, on_attention):
+        dense = logprobs()
+    # Per layer: the factor whose mass is nearest the reference (in log), among factors that drop some.
+    distance = (torch.log(masses.clamp(min=1e-30)) - math.log(reference_mass)).abs().masked_fill(masses <= 0, math.inf)
+    pick = distance.argmin(1)
+    mass = masses.gather(1, pick[:, None])[:, 0]
+    measured = mass >= reference_mass / 10
+    if not bool(measured.any()):
+        raise ValueError(f"no layer drops {reference_mass / 10:g} of its softmax mass at any factor on {length} tokens; sweep larger factors")
+    kl = torch.full((num_layers,), math.nan, dtype=torch.float64)
+    for layer in tqdm(measured.nonzero()[:, 0].tolist(), desc="layer sensitivity", unit="layer", disable=not progress):
+        scale = [None] * num_layers
+        scale[layer] = float(factors[pick[layer]])
+        lp = logprobs(BlasstSettings(scale_factor=scale, block_m=block_m, block_n=block_n))
+        kl[layer] = float((dense.exp() * (dense - lp)).sum(-1).mean())
+    weight = torch.where(measured, kl / mass, torch.tensor(math.nan, dtype=torch.float64))
+    weight = weight.nan_to_num(nan=float(weight[measured].max())).clamp(min=0)
+    return {"weight": weight, "kl": kl, "mass": mass, "factor": torch.where(measured, factors[pick], torch.zeros_like(mass))}
+
+
 def calibrate(
     model,
     tokenizer,
@@ -784,6 +885,7 @@ def calibrate(
     decode_block_n: int = 64,
     decode_splits: int = 1,
     decode_steps: int = 16,
+    sensitivity_length: Optional[int] = 2048,
     model_id: Optional[str] = None,
     progress: bool = True,
 ) -> Calibration:
@@ -803,6 +905,8 @@ def calibrate(
             few more points); where a factor is ``>= L`` that length is dense.
         block_m, block_n: prefill tile sizes; decode_block_n, decode_splits: decode's.
         decode_steps: the last positions of each window treated as decode steps.
+        sensitivity_length: tokens of the window :func:`layer_sensitivity` measures the layer
+            weights of the budget allocation on (both phases); ``None``: no weights.
         model_id: name recorded in the file (default: the model's ``name_or_path``).
         progress: show a tqdm bar.
 
@@ -866,6 +970,12 @@ def calibrate(
         p: fit_phase(TileCounts(lengths, factors, a.skipped, a.visited, a.dropped, a.rows), 1 if p == "prefill" else group)
         for p, a in acc.items()
     }
+    if sensitivity_length:
+        weight = layer_sensitivity(
+            model, tokenizer, factors, length=sensitivity_length, block_m=block_m, block_n=block_n, progress=progress
+        )["weight"]
+        for ph in fitted.values():
+            ph.budget.layer_weight = weight
     return Calibration(
         model_id or getattr(model.config, "name_or_path", "") or type(model).__name__,
         num_layers, num_heads, num_kv_heads, head_dim,
@@ -935,7 +1045,7 @@ def _run_calibrate(args) -> int:
         model, tok, target_sparsity=args.target_sparsity, phase=args.phase, lengths=args.lengths,
         texts_per_length=args.texts, n_lambdas=args.n_lambdas, lambda_range=(args.lambda_min, args.lambda_max), block_m=args.block_m, block_n=args.block_n,
         decode_block_n=args.decode_block_n, decode_splits=args.decode_splits, decode_steps=args.decode_steps,
-        model_id=model_id,
+        sensitivity_length=args.sensitivity_length or None, model_id=model_id,
     )
     calib.save(args.out)
     plot_calibration(calib, Path(args.out).with_suffix(".png"))
@@ -949,7 +1059,7 @@ def _run_calibrate(args) -> int:
             print(f"  head-budget: {exc}")
         else:
             print(f"  head-budget: median factor {float(alloc.factors.median()):.4g}, predicted sparsity "
-                  f"{alloc.sparsity:.3f}, skipped mass per row {alloc.error:.2e}")
+                  f"{alloc.sparsity:.3f}, error proxy {alloc.error:.2e}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 
@@ -970,5 +1080,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--decode-block-n", type=int, default=64)
     p.add_argument("--decode-splits", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=16, help="last positions of each text measured as decode steps")
+    p.add_argument("--sensitivity-length", type=int, default=2048,
+                   help="tokens of the window on which each layer's sensitivity (the budget's layer weight) is measured; 0: none (default 2048)")
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.set_defaults(run=_run_calibrate)

@@ -240,6 +240,71 @@ def test_budget_granularities(rng):
             ph.scale_factors(0.85, g)
 
 
+def test_layer_weights_move_the_budget_to_cheap_layers():
+    # Three layers with the same curves: weighted 10 / 1 / 1, the heavy layer is spared.
+    grid = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    sparsity = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64).expand(NUM_LAYERS, NUM_HEADS, 3).clone()
+    error = torch.tensor([0.01, 0.04, 0.09], dtype=torch.float64).expand(NUM_LAYERS, NUM_HEADS, 3).clone()
+    curves = BudgetCurves(grid, sparsity, error)
+    for g in ("layer-budget", "head-budget"):
+        even = curves.allocation(0.6, g)
+        assert torch.allclose(even.factors, torch.full((NUM_LAYERS, NUM_HEADS), 10.0)), "equal weights: equal factors"
+        curves.layer_weight = torch.tensor([10.0, 1.0, 1.0], dtype=torch.float64)
+        spared = curves.allocation(0.6, g)
+        curves.layer_weight = None
+        assert spared.sparsity == pytest.approx(0.6)
+        assert (spared.factors[0] == 0).all() and torch.allclose(spared.factors[1:], torch.tensor(100.0))
+        # The error it reports is the weighted one: 2 of 3 layers at 0.09 x 1.
+        assert spared.error == pytest.approx(2 * 0.09 / 3)
+
+
+def weighted_calibration(rng) -> Calibration:
+    calib = make_calibration(rng)
+    for ph in calib.phases.values():
+        ph.budget.layer_weight = torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64)
+    return calib
+
+
+def test_layer_weights_round_trip_and_version_2_files_load_without(rng, tmp_path):
+    path = tmp_path / "calib.json"
+    calib = weighted_calibration(rng)
+    calib.save(path)
+    data = json.loads(path.read_text())
+    assert data["version"] == 3 and data["phases"]["decode"]["budget"]["layer_weight"] == [4.0, 1.0, 0.5]
+    assert load_calibration(path) == calib
+    weighted = calib.scale_factors("prefill", 0.5, "head-budget")
+
+    def to_v2(d):
+        d["version"] = 2
+        for ph in d["phases"].values():
+            ph["budget"].pop("layer_weight")
+
+    corrupt(path, to_v2)
+    v2 = load_calibration(path)
+    assert v2.phases["prefill"].budget.layer_weight is None
+    unweighted = v2.scale_factors("prefill", 0.5, "head-budget")
+    assert unweighted.shape == weighted.shape and not torch.equal(unweighted, weighted)
+    v2.save(path)  # without weights it is written back as version 2
+    assert json.loads(path.read_text())["version"] == 2 and load_calibration(path) == v2
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["phases"]["decode"]["budget"].pop("layer_weight"), "missing field 'layer_weight'"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_weight"].pop(), "layer_weight must be num_layers=3"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_weight"].__setitem__(0, -1.0), "numbers >= 0"),
+        (lambda d: d["phases"]["prefill"]["budget"].update(layer_weight="x"), "layer_weight must be a list of numbers"),
+    ],
+)
+def test_bad_layer_weights_fail_clearly(rng, tmp_path, edit, message):
+    path = tmp_path / "calib.json"
+    weighted_calibration(rng).save(path)
+    corrupt(path, edit)
+    with pytest.raises(ValueError, match=message):
+        load_calibration(path)
+
+
 def test_version_1_files_load_without_budgets(rng, tmp_path):
     path = tmp_path / "calib.json"
     make_calibration(rng).save(path)
@@ -259,8 +324,10 @@ def test_version_1_files_load_without_budgets(rng, tmp_path):
     assert json.loads(path.read_text())["version"] == 1 and load_calibration(path) == calib
 
 
-@pytest.mark.parametrize("name", ["calibration_smollm2.json", "calibration_smollm2_8k.json"])
-def test_committed_version_1_results_still_load(name):
+@pytest.mark.parametrize(
+    "name", ["calibration_smollm2.json", "calibration_smollm2_8k.json", "calibration_smollm2_budget4k_cpu.json"]
+)
+def test_committed_version_1_and_2_results_still_load(name):
     path = Path(__file__).parent.parent / "benchmarks" / "results" / name
     if not path.exists():
         pytest.skip(f"{path} not in this checkout")
@@ -317,7 +384,7 @@ def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
     model, tok = smollm2
     calib = calibrate(
         model, tok, lengths=(256, 512), n_lambdas=10, lambda_range=(1e-4, 0.9), decode_steps=4,
-        model_id="smollm2-test", progress=False,
+        sensitivity_length=512, model_id="smollm2-test", progress=False,
     )
     assert (calib.num_layers, calib.num_heads, calib.num_kv_heads, calib.head_dim) == (30, 9, 3, 64)
     for phase in ("prefill", "decode"):
@@ -340,8 +407,29 @@ def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
     for g in ("head", "head-budget"):
         decode = calib.scale_factors("decode", 0.2, g).view(30, 3, 3)
         assert (decode == decode[:, :, :1]).all()
+    # One set of layer weights (measured in prefill) serves both phases.
+    weight = calib.phases["prefill"].budget.layer_weight
+    assert weight.shape == (30,) and torch.isfinite(weight).all() and (weight > 0).all()
+    assert calib.phases["decode"].budget.layer_weight is weight
     calib.save(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["version"] == 3
     assert load_calibration(tmp_path / "c.json", model_shape=(30, 9, 3, 64)) == calib
+
+
+def test_layer_sensitivity_measures_each_layer_near_the_reference_mass(smollm2):
+    from blasst_sglang.calibration import layer_sensitivity
+
+    model, tok = smollm2
+    factors = torch.logspace(0, math.log10(400), 8, dtype=torch.float64)
+    out = layer_sensitivity(model, tok, factors, length=512, reference_mass=0.02, progress=False)
+    measured = out["factor"] > 0
+    assert measured.any() and torch.isfinite(out["weight"]).all() and (out["weight"] >= 0).all()
+    assert torch.allclose(out["weight"][measured], out["kl"][measured] / out["mass"][measured])
+    # Measured layers were run at a grid factor, dropping mass within a grid step of the reference;
+    # the others could not reach a tenth of it and get the largest measured weight.
+    assert all(float(f) in factors.tolist() for f in out["factor"][measured])
+    assert (out["mass"][measured] >= 0.002).all() and (out["kl"][measured] > 0).all()
+    assert (out["weight"][~measured] == out["weight"][measured].max()).all()
 
 
 def test_cli_registers_calibrate():
@@ -349,3 +437,4 @@ def test_cli_registers_calibrate():
 
     args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--phase", "decode", "--lengths", "512", "1024", "--out", "c.json"])
     assert args.phase == "decode" and args.lengths == [512, 1024] and args.target_sparsity == 0.7 and callable(args.run)
+    assert args.sensitivity_length == 2048
