@@ -11,9 +11,10 @@ Stages 1 and 2 may skip a tile (``SKIP`` constexpr): after ``S = QKᵀ``, when e
 max is ``< running max + log2 λ`` the tile's softmax update, V load and P·V are not done.
 ``SKIP=False`` compiles the dense kernel from the same source.
 
-Stage 2 (most of the work) reads K and V through TMA tensor descriptors when the launcher can make
-them (``TMA``): the descriptor holds the addressing, so the loop carries no 2-D pointer tensors. With
-pointer loads, 128×128 tiles at d=128 need 255 registers and spill (sm_90 compile); with TMA, 189.
+Stages 2 and 3 (the new tokens, most of the work) read K and V through TMA tensor descriptors when
+the launcher can make them (``TMA``): the descriptor holds the addressing, so the loop carries no
+2-D pointer tensors. With pointer loads, 128×128 tiles at d=128 spilled about 1.1 KB per thread
+(sm_90 compile); with TMA and no prefix stage, 8-48 bytes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _attn_tiles(
     """Key tiles ``[lo, hi)`` of one segment (segment-local positions; ``seg_len`` real keys).
 
     ``TMA``: K/V tiles come from ``k_desc``/``v_desc`` at row ``desc_row + start``, column ``desc_col``
-    (only for full tiles: no ``GATHER``, ``MASK_N`` or ``BLOCK_DPE``)."""
+    (contiguous segments only: no ``GATHER`` or ``BLOCK_DPE``; with ``MASK_N`` the rows past
+    ``seg_len`` are read and then masked)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
@@ -170,7 +172,7 @@ def extend_fwd_kernel(
         K_seg, V_seg, stride_kt, stride_vt, kv_indices,
         k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
         0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA and CAUSAL,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA,
     )
     # Stage 3: the diagonal tiles, masked and never skipped.
     diag_hi = off_hi
@@ -203,8 +205,8 @@ def launch_extend(
     num_heads = q.shape[1]
     grid = (triton.cdiv(max_extend_len, block_m), num_heads, batch)
     map_strides = skip_map.stride()[:3] if skip_map is not None else (0, 0, 0)
-    k_desc = _row_descriptor(k, block_n) if causal and block_dpe == 0 and block_d == k.shape[2] else None
-    v_desc = _row_descriptor(v, block_n) if k_desc is not None and block_dv == v.shape[2] else None
+    whole_rows = causal and block_dpe == 0 and block_d == k.shape[2] and block_dv == v.shape[2]
+    k_desc, v_desc = _row_descriptors(k, v, block_n) if whole_rows else (None, None)
     extend_fwd_kernel[grid](
         q, k, v, k_buffer, v_buffer, out, k_desc, v_desc,
         qo_indptr, kv_indptr, kv_indices,
@@ -216,18 +218,23 @@ def launch_extend(
         *map_strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
         CAUSAL=causal, SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
-        TMA=v_desc is not None, HAS_PREFIX=kv_indices.numel() > 0, num_warps=num_warps, num_stages=num_stages,
+        TMA=k_desc is not None, HAS_PREFIX=kv_indices.numel() > 0, num_warps=num_warps, num_stages=num_stages,
     )
 
 
-def _row_descriptor(x, block_rows: int):
-    """A TMA descriptor over ``x`` (tokens, heads, dim) seen as a (tokens, heads * dim) matrix, in
-    (block_rows, dim) boxes; ``None`` where TMA cannot address it (strides or base not 16-byte aligned,
-    heads not packed, or no TMA: before sm_90, or a triton without tensor descriptors)."""
-    if TensorDescriptor is None or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9):
-        return None
-    tokens, heads, dim = x.shape
-    elem = x.element_size()
-    if x.stride(1) != dim or (x.stride(0) * elem) % 16 or x.data_ptr() % 16 or (dim * elem) % 16:
-        return None
-    return TensorDescriptor(x, [tokens, heads * dim], [x.stride(0), 1], [block_rows, dim])
+def _row_descriptors(k, v, block_rows: int):
+    """TMA descriptors over ``k`` and ``v`` (tokens, heads, dim), each seen as a (tokens, heads * dim)
+    matrix in (block_rows, dim) boxes; ``(None, None)`` where TMA cannot address both (strides or base
+    not 16-byte aligned, heads not packed, or no TMA: before sm_90, or a triton without tensor
+    descriptors)."""
+    if TensorDescriptor is None or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9):
+        return None, None
+
+    def addressable(x):
+        dim, elem = x.shape[2], x.element_size()
+        return x.stride(1) == dim and not (x.stride(0) * elem) % 16 and not x.data_ptr() % 16 and not (dim * elem) % 16
+
+    if not (addressable(k) and addressable(v)):
+        return None, None
+    return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1], [block_rows, x.shape[2]])
+                 for x in (k, v))
