@@ -827,6 +827,7 @@ def layer_sensitivity(
     """
     from tqdm.auto import tqdm
 
+    from .evaluate import kl_per_position, next_token_logprobs
     from .hf_attention import BlasstSettings, blasst_attention
 
     num_layers = model_shape(model)[0]
@@ -834,24 +835,15 @@ def layer_sensitivity(
     log_lams = torch.log(factors) - math.log(length)
     log_lams = log_lams.masked_fill(log_lams >= 0, -math.inf)  # λ >= 1: dense
     (ids,) = calibration_windows(tokenizer, length, 1)
-    ids, last_n = ids.to(model.device), length // 4
+    last_n = length // 4
     masses = torch.zeros(num_layers, factors.numel(), dtype=torch.float64)
 
     def on_attention(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         _, mass = prefill_skip_sweep(q, k, log_lams, block_m=block_m, block_n=block_n, return_skipped_mass=True)
         masses[layer] = mass.double().mean((1, 2)).cpu()
 
-    def logprobs(settings=None) -> torch.Tensor:
-        with torch.inference_mode():
-            if settings is None:
-                logits = model(input_ids=ids, logits_to_keep=last_n, use_cache=False).logits
-            else:
-                with blasst_attention(model, settings):
-                    logits = model(input_ids=ids, logits_to_keep=last_n, use_cache=False).logits
-        return torch.log_softmax(logits[0].double(), dim=-1).cpu()
-
     with capture_qk(model, on_attention):
-        dense = logprobs()
+        dense = next_token_logprobs(model, ids, last_n)
     # Per layer: the factor whose mass is nearest the reference (in log), among factors that drop some.
     distance = (torch.log(masses.clamp(min=1e-30)) - math.log(reference_mass)).abs().masked_fill(masses <= 0, math.inf)
     pick = distance.argmin(1)
@@ -863,8 +855,8 @@ def layer_sensitivity(
     for layer in tqdm(measured.nonzero()[:, 0].tolist(), desc="layer sensitivity", unit="layer", disable=not progress):
         scale = [None] * num_layers
         scale[layer] = float(factors[pick[layer]])
-        lp = logprobs(BlasstSettings(scale_factor=scale, block_m=block_m, block_n=block_n))
-        kl[layer] = float((dense.exp() * (dense - lp)).sum(-1).mean())
+        with blasst_attention(model, BlasstSettings(scale_factor=scale, block_m=block_m, block_n=block_n)):
+            kl[layer] = float(kl_per_position(dense, next_token_logprobs(model, ids, last_n)).mean())
     weight = torch.where(measured, kl / mass, torch.tensor(math.nan, dtype=torch.float64))
     weight = weight.nan_to_num(nan=float(weight[measured].max())).clamp(min=0)
     return {"weight": weight, "kl": kl, "mass": mass, "factor": torch.where(measured, factors[pick], torch.zeros_like(mass))}

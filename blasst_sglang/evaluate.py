@@ -42,7 +42,9 @@ __all__ = [
     "configs_from_factors",
     "evaluate",
     "format_table",
+    "kl_per_position",
     "next_token_fidelity",
+    "next_token_logprobs",
     "plot_results",
     "read_results",
     "write_results",
@@ -147,6 +149,19 @@ def _overall_sparsity(recording, phase: str) -> float:
     return float(torch.nanmean(recording.sparsity(phase)))
 
 
+def next_token_logprobs(model, ids: torch.Tensor, last_n: int) -> torch.Tensor:
+    """``(last_n, vocab)`` float64 CPU log-probabilities of the next token at the last ``last_n``
+    positions of ``ids`` ``(1, L)``, under whatever attention the model is set to (no KV cache)."""
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(model.device), logits_to_keep=last_n, use_cache=False).logits
+    return torch.log_softmax(logits[0].double(), dim=-1).cpu()
+
+
+def kl_per_position(dense: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``KL(dense ‖ other)`` per position of two ``(N, vocab)`` log-probability tables: ``(N,)``."""
+    return (dense.exp() * (dense - other)).sum(-1)
+
+
 def next_token_fidelity(model, ids: torch.Tensor, configs: Sequence[EvalConfig], last_n: int) -> List[EvalResult]:
     """KL(dense ‖ blasst), its 99th percentile and top-1 agreement over the last ``last_n`` positions.
 
@@ -163,15 +178,15 @@ def next_token_fidelity(model, ids: torch.Tensor, configs: Sequence[EvalConfig],
         raise ValueError(f"last_n must be in [1, {ids.shape[1]}], got {last_n}")
 
     def logprobs(config):
-        with blasst_attention(model, _settings(config, record=config is not None)) as rec, torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), logits_to_keep=last_n, use_cache=False).logits
-        return torch.log_softmax(logits[0].double(), dim=-1).cpu(), _overall_sparsity(rec, "prefill")
+        with blasst_attention(model, _settings(config, record=config is not None)) as rec:
+            lp = next_token_logprobs(model, ids, last_n)
+        return lp, _overall_sparsity(rec, "prefill")
 
     dense, _ = logprobs(None)
     results = [EvalResult("dense", "dense", None, None, 0.0, 0.0, 1.0, 0.0)]
     for cfg in configs:
         lp, sparsity = logprobs(cfg)
-        kl = (dense.exp() * (dense - lp)).sum(-1)  # (last_n,)
+        kl = kl_per_position(dense, lp)
         top1 = float((dense.argmax(-1) == lp.argmax(-1)).double().mean())
         results.append(
             EvalResult(cfg.label, cfg.granularity, cfg.target, float(cfg.prefill.median()), float(kl.mean()),
