@@ -23,7 +23,7 @@ from bench_kernels import decode_inputs, env_info, prefill_inputs  # noqa: E402
 
 from blasst_kernels import KernelOptions, decode_attention, prefill_attention  # noqa: E402
 
-FACTORS = (None, 30.0, 300.0, 3000.0)
+FACTORS = (None, 1.0, 30.0, 300.0, 3000.0)  # 1.0: skip on, ~0 % skipped
 
 
 def sparsity(run, num_heads):
@@ -33,12 +33,12 @@ def sparsity(run, num_heads):
     return round(skipped / max(seen, 1), 3)
 
 
-def sweep_prefill(length, d, configs):
-    q, k, v, cu = prefill_inputs([length], 32, 8, d, 1.6)
+def sweep_prefill(length, d, configs, kv_heads=8):
+    q, k, v, cu = prefill_inputs([length], 32, kv_heads, d, 1.6)
     flops = 4.0 * length * length * 32 * d / 2
     for cfg in configs:
         opts = KernelOptions(*cfg)
-        row = {"phase": "prefill", "len": length, "d": d, "cfg": cfg}
+        row = {"phase": "prefill", "len": length, "d": d, "hkv": kv_heads, "cfg": cfg}
         for f in FACTORS:
             run = lambda st=None, f=f: prefill_attention(q, k, v, cu, max_seqlen=length, threshold_scale_factor=f, stats=st, options=opts)
             row[f"tflops@{f}"] = round(flops / triton.testing.do_bench(run, return_mode="median") / 1e9, 1)
@@ -66,14 +66,24 @@ def sweep_decode(batch, ctx, page, configs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--prefill-d128", nargs="*", default=["128,64,8,3", "128,128,8,3", "128,128,8,2", "64,64,4,3", "128,32,4,3"],
+                    help="block_m,block_n,warps,stages per configuration")
+    ap.add_argument("--prefill-d64", nargs="*", default=["128,64,4,3", "128,128,8,2", "128,64,8,3", "64,64,4,3"])
+    ap.add_argument("--lengths", nargs="*", type=int, default=[16384])
+    ap.add_argument("--kv-heads", nargs="*", type=int, default=[8], help="32 query heads over this many KV heads")
+    ap.add_argument("--decode", nargs="*", default=["64,2,4,16", "64,3,4,16", "64,4,4,16", "32,3,4,16", "128,2,4,16", "64,3,4,8"],
+                    help="block_n,stages,warps,max_splits per configuration (none: skip decode)")
     args = ap.parse_args()
+    cfgs = lambda specs: [tuple(int(x) for x in spec.split(",")) for spec in specs]
     info = env_info()
     rows = []
-    rows += sweep_prefill(16384, 128, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)])
-    rows += sweep_prefill(16384, 64, [(128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)])
-    decode_cfgs = [(64, 2, 4, 16), (64, 3, 4, 16), (64, 4, 4, 16), (32, 3, 4, 16), (128, 2, 4, 16), (64, 3, 4, 8)]
-    rows += sweep_decode(32, 16384, 16, decode_cfgs)
-    rows += sweep_decode(128, 8192, 1, decode_cfgs)
+    for length in args.lengths:
+        for kv_heads in args.kv_heads:
+            rows += sweep_prefill(length, 128, cfgs(args.prefill_d128), kv_heads)
+            rows += sweep_prefill(length, 64, cfgs(args.prefill_d64), kv_heads)
+    if args.decode:
+        rows += sweep_decode(32, 16384, 16, cfgs(args.decode))
+        rows += sweep_decode(128, 8192, 1, cfgs(args.decode))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"sweep_configs_{info['device'].replace(' ', '_')}.json"), "w") as f:
         json.dump({"env": info, "rows": rows}, f, indent=1)
