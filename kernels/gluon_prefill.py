@@ -1,0 +1,441 @@
+"""BLASST prefill in Gluon for Hopper (sm_90): warp-specialised, FA3-style (prototype).
+
+One CTA owns 128 query rows of one query head of one sequence, split in two 64-row halves, each
+owned by its own consumer warpgroup; a one-warp producer streams K and V tiles with TMA:
+
+- producer (worker, 1 warp, few registers): Q of both halves, then K and V tiles
+  ``[j * BLOCK_N, (j + 1) * BLOCK_N)`` into a ``NUM_STAGES`` ring. ``ready_k[s]``/``ready_v[s]``
+  complete on the TMA bytes; ``empty[s]`` (two arrivals) is released by both consumers.
+- consumer 0 (default partition, 4 warps: rows 0-63) and consumer 1 (worker, 4 warps: rows 64-127):
+  ``S = Q Kᵀ`` (wgmma, operands in shared memory), the BLASST decision, online softmax, and
+  ``acc += P V`` (wgmma, P from registers). Each warpgroup decides for its own 64 rows, so the
+  "does any row matter" reduction spans 4 warps (a named barrier of 128 threads), never the CTA.
+
+Skip rule (as :func:`blasst_kernels.reference.prefill_reference` with ``block_m=64``): on tiles
+left of the half's diagonal (tile end ``<=`` the half's first row), after ``S`` the tile is skipped
+when every valid row has ``m̃ − m < log2 λ`` (log2 domain: scores times ``sm_scale / ln 2``); a
+skipped tile changes nothing. Diagonal tiles (masked causally and at the sequence end) are never
+skipped. ``λ = scale[h] / L`` per sequence; ``log2 λ = -inf`` (dense) unless ``0 < λ < 1``.
+
+Rows of ``k``/``v`` past a sequence's end that a tile reads are the next sequence's tokens, or
+TMA zero fill past the tensor end. Rows of ``v`` past ``qo_indptr[-1]`` (padding a caller may
+leave uninitialised) would meet ``p = 0`` in ``P·V`` (``0·NaN = NaN``): with ``ZERO_TAIL_V``
+the consumers zero the rows past the sequence end of the tile that holds the sequence's last key.
+
+Status: compiled for sm_90 on a CPU machine (see ``benchmarks/experiments/gluon_compile_report.py``);
+not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["gluon_prefill", "HALF_M", "CTA_M"]
+
+HALF_M = 64  # query rows per consumer warpgroup (the skip-decision granularity)
+CTA_M = 2 * HALF_M  # query rows per CTA
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _log2_lambda(scale_ptr, head, seq_len):
+    """log2 λ for one (sequence, head); -inf when λ = scale / seq_len is not in (0, 1)."""
+    lam = gl.load(scale_ptr + head) / seq_len.to(gl.float32)
+    return gl.where((lam > 0) & (lam < 1), gl.log2(gl.maximum(lam, 1e-30)), float("-inf"))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+              q_start, seq_len, pid_m, head, kv_group,
+              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """One warp: Q of both halves, then K_0, (K_1, V_0), (K_2, V_1), ... through the two rings.
+
+    V_j goes after K_{j+1}: with OVERLAP the consumers need ``Q K_{j+1}ᵀ`` before ``P_j V_j``.
+    Before re-arming a ``ready`` barrier the producer waits for that stage's previous copy to
+    land, so a consumer that skips a tile may release its V stage without waiting for it."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    q_row = q_start + pid_m * (2 * HALF)
+    for h in gl.static_range(2):
+        mbarrier.expect(q_bars.index(h), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + h * HALF, head * HEAD_D], q_bars.index(h), q_smem.index(h))
+    kv_col = (head // kv_group) * HEAD_D
+    n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1
+    for i in range(n_tiles + 1):
+        if i < n_tiles:  # K_i
+            s = i % NUM_STAGES
+            ph = (i // NUM_STAGES) & 1
+            mbarrier.wait(empty_k.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
+            mbarrier.wait(ready_k.index(s), ph ^ 1, pred=i >= NUM_STAGES)
+            mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [q_start + i * BLOCK_N, kv_col], ready_k.index(s), k_smem.index(s))
+        if i > 0:  # V_{i-1}
+            j = i - 1
+            s = j % NUM_STAGES
+            ph = (j // NUM_STAGES) & 1
+            mbarrier.wait(empty_v.index(s), ph ^ 1)
+            mbarrier.wait(ready_v.index(s), ph ^ 1, pred=j >= NUM_STAGES)
+            mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_col], ready_v.index(s), v_smem.index(s))
+    # Do not let the CTA end under a copy nobody waited for (a V tile both halves skipped).
+    for st in gl.static_range(NUM_STAGES):
+        last = n_tiles - 1 - (n_tiles - 1 - st) % NUM_STAGES  # last tile that used stage st
+        mbarrier.wait(ready_v.index(st), (last // NUM_STAGES) & 1, pred=n_tiles > st)
+
+
+@gluon.jit
+def _zero_v_tail(v_tile, n_valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):
+    """Zero rows ``>= n_valid`` of one V tile in shared memory (generic proxy), 16 rows at a time.
+
+    Both consumers may do this on the same tile at once: they write the same bytes (zeros past
+    ``n_valid``, the loaded values before it), so the result does not depend on the interleaving."""
+    CH: gl.constexpr = 16
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    for c in gl.static_range(BLOCK_N // CH):
+        if (c + 1) * CH > n_valid:
+            sub = v_tile.slice(c * CH, CH)
+            x = sub.load(blk)
+            r = c * CH + gl.arange(0, CH, layout=gl.SliceLayout(1, blk))
+            x = gl.where((r < n_valid)[:, None], x, gl.zeros_like(x))
+            sub.store(x)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam, qk_scale,
+                  dtype: gl.constexpr, DIAGONAL: gl.constexpr, SKIP: gl.constexpr):
+    """Scale and mask one score tile, decide, and (kept tiles only) compute its online-softmax update.
+
+    Returns ``keep, m_new, alpha, l_new, p`` (``p`` in ``p_skip``'s layout, the P·V A operand); a
+    skipped tile returns the state unchanged (``alpha = 1``, ``p = p_skip``) and no exp is done."""
+    BLOCK_N: gl.constexpr = qk.shape[1]
+    qk = qk * qk_scale
+    if DIAGONAL:
+        cols = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
+        visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < seq_len)
+        qk = gl.where(visible, qk, float("-inf"))
+    m_ij = gl.max(qk, 1)
+    keep = True
+    if SKIP:
+        if not DIAGONAL:
+            # Any valid row for which this tile may matter: m̃ − m ≥ log2 λ (first tile: m = -inf).
+            # A 64-row reduction over this warpgroup's 4 warps: 128-thread named barriers only.
+            matters = (m_ij - m_i >= log2_lam) & row_ok
+            keep = gl.max(matters.to(gl.int32), 0) > 0
+    if keep:
+        m_new = gl.maximum(m_i, m_ij)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(qk - m_new[:, None])
+        l_new = l_i * alpha + gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(dtype), p_skip.type.layout)
+    else:
+        m_new = m_i
+        alpha = gl.full_like(m_i, 1.0)
+        l_new = l_i
+        p_op = p_skip
+    return keep, m_new, alpha, l_new, p_op
+
+
+@gluon.jit
+def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+           lo, hi, r0, seq_len, log2_lam, qk_scale,
+           s_layout: gl.constexpr, o_layout: gl.constexpr,
+           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+           DIAGONAL: gl.constexpr, SKIP: gl.constexpr, ZERO_TAIL_V: gl.constexpr):
+    """Key tiles ``[lo, hi)`` of one consumer (64 rows from sequence row ``r0``), no overlap:
+    S = QKᵀ, softmax, P·V in order, each wgmma waited at once."""
+    HALF: gl.constexpr = acc.shape[0]
+    HEAD_D: gl.constexpr = acc.shape[1]
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    row_ok = rows < seq_len
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    p_zero = gl.zeros([HALF, BLOCK_N], v_smem.dtype, p_layout)
+    for j in range(lo, hi):
+        s = j % NUM_STAGES
+        ph = (j // NUM_STAGES) & 1
+        k_start = j * BLOCK_N
+        mbarrier.wait(ready_k.index(s), ph)
+        qk = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(0, deps=[qk])
+        keep, m_new, alpha, l_new, p_op = _softmax_step(qk, m_i, l_i, p_zero, rows, row_ok, k_start, seq_len,
+                                                        log2_lam, qk_scale, v_smem.dtype, DIAGONAL, SKIP)
+        if keep:
+            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+            acc = acc * alpha_o[:, None]
+            v_tile = v_smem.index(s)
+            mbarrier.wait(ready_v.index(s), ph)
+            if DIAGONAL:
+                if ZERO_TAIL_V:
+                    if k_start + BLOCK_N > seq_len:
+                        _zero_v_tail(v_tile, seq_len - k_start, BLOCK_N, HEAD_D)
+            acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            m_i = m_new
+            l_i = l_new
+        else:
+            n_skip += 1
+        # Release K and V together: each release costs a 128-thread barrier (the arrive is one
+        # thread's, after all four warps are done).
+        mbarrier.arrive(empty_k.index(s))
+        mbarrier.arrive(empty_v.index(s))
+    return acc, l_i, m_i, n_skip
+
+
+@gluon.jit
+def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+                   lo, hi, r0, seq_len, log2_lam, qk_scale,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr,
+                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   DIAGONAL: gl.constexpr, SKIP: gl.constexpr):
+    """Key tiles ``[lo, hi)`` with FA3's intra-warpgroup overlap: ``S_j = Q K_jᵀ`` is issued, then
+    the pending ``P_prev V_prev`` (tile ``j_prev``, if any kept tile is pending), and tile j's
+    softmax runs while that P·V is in flight. A kept tile becomes the pending one; a skipped tile
+    releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`)."""
+    HALF: gl.constexpr = acc.shape[0]
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    row_ok = rows < seq_len
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    for j in range(lo, hi):
+        s = j % NUM_STAGES
+        ph = (j // NUM_STAGES) & 1
+        k_start = j * BLOCK_N
+        mbarrier.wait(ready_k.index(s), ph)
+        qk_tok = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if j_prev >= 0:
+            sp = j_prev % NUM_STAGES
+            mbarrier.wait(ready_v.index(sp), (j_prev // NUM_STAGES) & 1)
+            acc_tok = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=[qk_tok])
+            keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
+                                                             log2_lam, qk_scale, v_smem.dtype, DIAGONAL, SKIP)
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])
+            mbarrier.arrive(empty_k.index(s))
+            mbarrier.arrive(empty_v.index(sp))
+        else:
+            qk = warpgroup_mma_wait(0, deps=[qk_tok])
+            mbarrier.arrive(empty_k.index(s))
+            keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
+                                                             log2_lam, qk_scale, v_smem.dtype, DIAGONAL, SKIP)
+        if keep:
+            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+            acc = acc * alpha_o[:, None]
+            m_i = m_new
+            l_i = l_new
+            p_prev = p_new
+            j_prev = j
+        else:
+            n_skip += 1
+            j_prev = -1
+            mbarrier.arrive(empty_v.index(s))
+    return acc, l_i, m_i, n_skip, p_prev, j_prev
+
+
+@gluon.jit
+def _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len,
+           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, ZERO_TAIL_V: gl.constexpr):
+    """Issue and wait the pending P·V of :func:`_tiles_overlap` (the sequence's last tile may be it)."""
+    HEAD_D: gl.constexpr = acc.shape[1]
+    if j_prev >= 0:
+        sp = j_prev % NUM_STAGES
+        v_tile = v_smem.index(sp)
+        mbarrier.wait(ready_v.index(sp), (j_prev // NUM_STAGES) & 1)
+        if ZERO_TAIL_V:
+            if (j_prev + 1) * BLOCK_N > seq_len:
+                _zero_v_tail(v_tile, seq_len - j_prev * BLOCK_N, BLOCK_N, HEAD_D)
+        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty_v.index(sp))
+    return acc
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+              out_ptr, scale_ptr, stats_ptr,
+              q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+              HALF_IDX: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+              SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr):
+    """One warpgroup: 64 query rows, their own skip decisions, their own output rows."""
+    HALF: gl.constexpr = q_smem.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    r0 = pid_m * (2 * HALF) + HALF_IDX * HALF  # sequence row of this half's first query
+    last_row = gl.minimum(r0 + HALF, seq_len) - 1  # < r0 when the half has no row
+    n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1  # tiles the producer loads
+    n_vis = gl.where(last_row >= r0, last_row // BLOCK_N + 1, 0)
+    n_full = gl.minimum((r0 + 1) // BLOCK_N, n_vis)  # tiles wholly left of the half's diagonal
+
+    log2_lam = float("-inf")
+    if SKIP:
+        log2_lam = _log2_lambda(scale_ptr, head, seq_len)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+    n_skip = 0
+
+    q_tile = q_smem.index(HALF_IDX)
+    mbarrier.wait(q_bars.index(HALF_IDX), 0)
+    if OVERLAP:
+        p_prev = gl.zeros([HALF, BLOCK_N], v_smem.dtype, p_layout)
+        j_prev = -1
+        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+            0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False, SKIP)
+        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+            n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, True, SKIP)
+        acc = _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES, ZERO_TAIL_V)
+    else:
+        acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                                       empty_v, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout,
+                                       BLOCK_N, NUM_STAGES, False, SKIP, ZERO_TAIL_V)
+        acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                                       empty_v, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout,
+                                       BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V)
+    # Tiles only the other half sees (BLOCK_N = 64, or this half has no row): release them.
+    for j in range(n_vis, n_tiles):
+        s = j % NUM_STAGES
+        mbarrier.arrive(empty_k.index(s))
+        mbarrier.arrive(empty_v.index(s))
+
+    if last_row >= r0:
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        out = (acc / l_o[:, None]).to(out_ptr.dtype.element_ty)
+        rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        offs = (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
+        gl.store(out_ptr + offs, out, mask=(rows < seq_len)[:, None])
+        if COUNT:
+            gl.atomic_add(stats_ptr + head * 2, n_vis)
+            gl.atomic_add(stats_ptr + head * 2 + 1, n_skip)
+
+
+@gluon.jit
+def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+               out_ptr, scale_ptr, stats_ptr,
+               q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+               SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr):
+    _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, out_ptr, scale_ptr, stats_ptr,
+              q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)
+
+
+@gluon.jit
+def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, stats_ptr,
+                         sm_scale, kv_group, stride_ot, stride_oh,
+                         BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    # Longest CTAs first: program 0 takes the last 128 rows of the longest sequences.
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    head = gl.program_id(1)
+    seq = gl.program_id(2)
+    q_start = gl.load(qo_indptr + seq).to(gl.int32)
+    seq_len = gl.load(qo_indptr + seq + 1).to(gl.int32) - q_start
+    if pid_m * (2 * HALF) < seq_len:
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ready_k = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        ready_v = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_k = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_v = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bars.index(i), count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready_k.index(i), count=1)
+            mbarrier.init(ready_v.index(i), count=1)
+            mbarrier.init(empty_k.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(empty_v.index(i), count=2)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+                         out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+                         0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)),
+            (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot,
+                          stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+                         q_start, seq_len, pid_m, head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def make_descriptors(q, k, v, block_n: int):
+    """TMA descriptors over q/k/v seen as (tokens, heads * D) matrices: Q in (64, D) boxes,
+    K and V in (block_n, D) boxes (128-byte swizzle at D = 64 bf16 and up)."""
+    d = q.shape[2]
+    dt = _GL_DTYPES[q.dtype]
+
+    def desc(x, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], dt)
+        flat = x.view(x.shape[0], x.shape[1] * d)
+        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, d], layout)
+
+    return desc(q, HALF_M), desc(k, block_n), desc(v, block_n)
+
+
+def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, max_extend_len,
+                  block_n=128, num_stages=2, overlap=False, zero_tail_v=True, consumer_regs=240, producer_regs=24,
+                  maxnreg=168):
+    """Ragged causal BLASST prefill (no cached prefix) on Hopper, warp-specialised Gluon kernel.
+
+    Args:
+        q: ``(T, Hq, D)`` bf16/fp16, contiguous; ``D`` in (64, 128).
+        k, v: ``(T, Hkv, D)`` same dtype, contiguous; ``Hq % Hkv == 0``.
+        out: ``(T, Hq, D)`` output, same dtype (rows of every sequence are written; nothing else).
+        qo_indptr: ``(B + 1,)`` int32/int64 CUDA: sequence ``b`` is rows ``qo_indptr[b]:qo_indptr[b+1]``.
+        scale: ``None`` (dense) or float32 ``(Hq,)`` CUDA threshold scale factor per query head:
+            ``λ = scale[h] / L`` per sequence (``L`` its length); dense for that (sequence, head)
+            unless ``0 < λ < 1``.
+        stats: ``None`` or int32 ``(Hq, 2)`` CUDA counters, incremented by (tiles visited, tiles
+            skipped); a tile is 64 query rows × ``block_n`` keys.
+        sm_scale: softmax scale (``1/sqrt(D)`` usually).
+        max_extend_len: the longest sequence (grid size; no device sync here).
+        block_n: keys per tile (64 or 128); num_stages: K/V ring depth.
+        zero_tail_v: zero V rows past the sequence end of its last tile (see module doc).
+        consumer_regs / producer_regs / maxnreg: register split (setmaxnreg) and the launch limit.
+    """
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    assert q.dtype in _GL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and out.dtype == q.dtype
+    assert d in (64, 128) and k.shape == (T, hkv, d) and v.shape == (T, hkv, d) and out.shape == q.shape
+    assert hq % hkv == 0 and block_n in (64, 128)
+    assert all(x.is_contiguous() for x in (q, k, v, out))
+    batch = qo_indptr.shape[0] - 1
+    if batch == 0 or max_extend_len <= 0:
+        return
+    q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
+    skip = scale is not None
+    grid = (triton.cdiv(max_extend_len, CTA_M), hq, batch)
+    gluon_prefill_kernel[grid](
+        q_desc, k_desc, v_desc, out, qo_indptr,
+        scale if skip else out, stats if stats is not None else out,
+        float(sm_scale), hq // hkv, out.stride(0), out.stride(1),
+        BLOCK_N=block_n, HEAD_D=d, NUM_STAGES=num_stages, SKIP=skip, COUNT=stats is not None,
+        ZERO_TAIL_V=zero_tail_v, OVERLAP=overlap, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        num_warps=4, maxnreg=maxnreg,
+    )
