@@ -204,7 +204,6 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
     softmax runs while that P·V is in flight. A kept tile becomes the pending one; a skipped tile
     releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`)."""
     HALF: gl.constexpr = acc.shape[0]
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     row_ok = rows < seq_len
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
