@@ -5,7 +5,10 @@ yardsticks in the same run. It prints one table and writes one JSON file.
 
     bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_variants.py --out $OUT   # H100, ~3-4 min
     TRITON_INTERPRET=1 python3 benchmarks/experiments/decode_variants.py --smoke               # CPU, fp16, checks only
-    python3 benchmarks/experiments/decode_variants.py --inspect   # no GPU: sm_90 regs/smem/cp.async per kernel
+    python3 benchmarks/experiments/decode_variants.py --inspect [--only NAMES]   # no GPU: sm_90 regs/smem/cp.async
+    # 128-key variants only, targets defined by the d=128 default tile (current bn128 skips ~70 %), ~2 min:
+    bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_variants.py --out $OUT --calib-block-n 128 \
+        --only "current bn128" "deferred-v bn128" "fused2p bn128 st5" "copy K+V"
 
 Findings from compiling for sm_90 without a GPU (``--inspect``; the pipeliner gets the runtime's
 divisibility hints; d=128, GQA 4, bf16):
@@ -51,6 +54,21 @@ are merged by the current ``decode_merge_kernel``. Predictions are against Flash
   lookahead2       (a) by hand, two tiles deep: tile j+2's decision and predicated V load are
                    issued before tile j's P·V, with V carried in registers. It builds 218 registers
                    (2 CTAs/SM) and the pipeliner leaves K unpipelined. Prediction: 0.8-1.0x current.
+  deferred-v bn128 [w8]  (c) the current loop with tile j's predicated V load issued in iteration j
+                   (into registers) and consumed in j+1, after S_{j+1}: acc·alpha_j + p_j·V_j with
+                   p_j (V's dtype), alpha_j and V_j carried; the epilogue consumes the last tile. V_j's
+                   latency overlaps K_{j+1}'s wait and QKᵀ. sm_90: the pipeliner leaves V alone (plain
+                   ld.global) and now gives K two buffers (it has one in the current kernel); w4 255
+                   registers skip / 250 dense, no spill, 102 KB shared -> 2 CTAs/SM (= current
+                   bn128: 203 regs, 74 KB, 2 CTAs/SM). w8 185-203 regs -> 1 CTA/SM. st4 spills.
+  fused2p bn128 stN [f16s] [w8]  (d) two-phase in one kernel at 128-key tiles with a compact kept-tile
+                   list (one int per kept tile; phase B goes tile -> kv_indices -> V). Scores are
+                   stored relative to the running max after the tile (<= 0, so fp16 is safe: f16s)
+                   with that max per group row (fp32), so p = exp2(s + m_ref - m_final). sm_90: at 3-4
+                   stages each indirect load has one buffer and async_wait 0 at the top of the next
+                   iteration (no overlap at all in phase A); st5 gives K and V two buffers each.
+                   st5: 210 regs, 87 KB, 2 CTAs/SM; st5 f16s: 199 regs, 73 KB, 2 CTAs/SM;
+                   st5 f16s w8: 128 regs, 75 KB, 2 CTAs/SM of 8 warps; st3: 202 regs, 46 KB.
   yardsticks       torch copy of the K+V bytes (as bench_kernels); a Triton gather kernel with the
                    current grid reading K+V (or only K) through the page indices. "read K only"
                    bounds any skip kernel that always reads K.
@@ -313,6 +331,186 @@ def lookahead2_split_kernel(
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
+def deferred_v_split_kernel(
+    Q, K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr, scale_ptr, stats_ptr, part_o, part_lse,
+    sm_scale, kv_group, max_splits,
+    stride_qb, stride_qh, stride_bkt, stride_bkh, stride_bvt, stride_bvh,
+    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SKIP: tl.constexpr, COUNT: tl.constexpr, STAGES: tl.constexpr,
+):
+    """(c) Deferred V: tile j's predicated V load is issued in iteration j and consumed in j+1.
+
+    Iteration j computes S_j, the decision, m, p_j, alpha_j and l, issues V_j (predicated on keep)
+    into registers, and only then does tile j-1's ``acc = acc·alpha_{j-1} + p_{j-1}·V_{j-1}``, so
+    V_j's latency overlaps K_{j+1}'s load and Q·K_{j+1}ᵀ. p_j (as V's dtype), alpha_j and V_j are
+    carried in registers; the epilogue consumes the last tile. Same decisions as the current kernel.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start, kv_len, lo, hi = _split_bounds(kv_indptr, num_splits_ptr, seq, split, max_splits, BLOCK_N)
+    if lo >= hi:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < kv_group
+    heads = kv_head * kv_group + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    log2_lam = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    if SKIP:
+        log2_lam = _log2_lambda(scale_ptr, tl.where(h_ok, heads, 0), kv_len)
+    qk_scale = sm_scale * 1.4426950408889634
+    K = K_buf + kv_head * stride_bkh
+    V = V_buf + kv_head * stride_bvh
+    idx_ptr = kv_indices + kv_start
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    # The "previous tile" before the first one: p = 0, alpha = 1, V = 0 (its P·V adds nothing).
+    p_prev = tl.zeros([BLOCK_H, BLOCK_N], dtype=V_buf.dtype.element_ty)
+    alpha_prev = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
+    v_prev = tl.zeros([BLOCK_N, BLOCK_DV], dtype=V_buf.dtype.element_ty)
+    n_seen = tl.zeros([], dtype=tl.int32)
+    n_keep = tl.zeros([], dtype=tl.int32)
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        offs_n = start + offs_t
+        n_ok = offs_n < hi
+        rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + rows[None, :] * stride_bkt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        qk = tl.where(n_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+        m_ij = tl.max(qk, 1)
+        if SKIP:
+            keep = tl.max(((m_ij - m_i >= log2_lam) & h_ok).to(tl.int32), 0)
+        else:
+            keep = tl.full([], 1, dtype=tl.int32)
+        v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None] & (keep > 0), other=0.0)
+        m_new = tl.where(keep > 0, tl.maximum(m_i, m_ij), m_i)
+        p = tl.math.exp2(qk - m_new[:, None]) * keep.to(tl.float32)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # Tile j-1: its V was issued one iteration ago.
+        acc = acc * alpha_prev[:, None] + tl.dot(p_prev, v_prev)
+        p_prev = p.to(v.dtype)
+        alpha_prev = alpha
+        v_prev = v
+        m_i = m_new
+        n_seen += 1
+        n_keep += keep
+    acc = acc * alpha_prev[:, None] + tl.dot(p_prev, v_prev)
+
+    po = part_o + seq.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s
+    tl.store(po + offs_dv[None, :], acc / l_i[:, None], mask=h_ok[:, None])
+    pl = part_lse + seq.to(tl.int64) * stride_pl_b + heads * stride_pl_h + split
+    tl.store(pl, m_i + tl.math.log2(l_i), mask=h_ok)
+    if COUNT:
+        zero = tl.zeros([BLOCK_H], dtype=tl.int32)
+        tl.atomic_add(stats_ptr + heads * 2, zero + n_seen, mask=h_ok)
+        tl.atomic_add(stats_ptr + heads * 2 + 1, zero + (n_seen - n_keep), mask=h_ok)
+
+
+@triton.jit(do_not_specialize=NO_SPEC)
+def fused_2p_split_kernel(
+    Q, K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr, scale_ptr, stats_ptr,
+    score_ws, mref_ws, tiles_ws, part_o, part_lse,
+    sm_scale, kv_group, max_splits, kv_heads, cap_tiles,
+    stride_qb, stride_qh, stride_bkt, stride_bkh, stride_bvt, stride_bvh,
+    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SKIP: tl.constexpr, COUNT: tl.constexpr, STAGES_A: tl.constexpr, STAGES_B: tl.constexpr,
+):
+    """(d) Fused two-phase with a compact kept-tile list (one int per kept tile, not per key).
+
+    Phase A streams the split's K tiles branch-free: S, the tile's row maxima, the decision against
+    the running max (the prefix max of the kept tiles' maxima: a skipped tile never raises it), then
+    for a kept tile its scores (real group rows only, log2 domain) relative to the running max after
+    the tile, in ``score_ws``'s dtype (fp32 or fp16: relative scores are <= 0, so fp16 is exact
+    enough where p matters), that running max (``mref_ws``, fp32, group rows) and the tile's first key
+    in the compact list ``tiles_ws``. Phase B loops over
+    the kept tiles only: tile start -> its ``kv_indices`` -> V rows (addresses need no compute, so the
+    pipeliner can prefetch them) and the stored scores; p = exp2(s + m_ref - m_final), no rescaling.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start, kv_len, lo, hi = _split_bounds(kv_indptr, num_splits_ptr, seq, split, max_splits, BLOCK_N)
+    if lo >= hi:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < kv_group
+    heads = kv_head * kv_group + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    log2_lam = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    if SKIP:
+        log2_lam = _log2_lambda(scale_ptr, tl.where(h_ok, heads, 0), kv_len)
+    qk_scale = sm_scale * 1.4426950408889634
+    K = K_buf + kv_head * stride_bkh
+    V = V_buf + kv_head * stride_bvh
+    idx_ptr = kv_indices + kv_start
+    slot0 = ((seq * kv_heads + kv_head) * max_splits + split).to(tl.int64) * cap_tiles
+    s_base = score_ws + slot0 * kv_group * BLOCK_N  # [kept slot, group row, key]
+    r_base = mref_ws + slot0 * kv_group  # [kept slot, group row] running max after the tile
+    t_base = tiles_ws + slot0  # [kept slot] first key of the tile (relative to kv_start)
+    s_tile = offs_h[:, None] * BLOCK_N + offs_t[None, :]
+
+    # Phase A: K only.
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    n_keep = tl.zeros([], dtype=tl.int32)
+    n_seen = tl.zeros([], dtype=tl.int32)
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES_A):
+        offs_n = start + offs_t
+        n_ok = offs_n < hi
+        rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + rows[None, :] * stride_bkt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        qk = tl.where(n_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+        m_ij = tl.max(qk, 1)
+        if SKIP:
+            keep = tl.max(((m_ij - m_i >= log2_lam) & h_ok).to(tl.int32), 0)
+        else:
+            keep = tl.full([], 1, dtype=tl.int32)
+        m_i = tl.where(keep > 0, tl.maximum(m_i, m_ij), m_i)
+        tl.store(s_base + n_keep.to(tl.int64) * kv_group * BLOCK_N + s_tile,
+                 (qk - m_i[:, None]).to(score_ws.dtype.element_ty), mask=h_ok[:, None] & (keep > 0))
+        tl.store(r_base + n_keep * kv_group + offs_h, m_i, mask=h_ok & (keep > 0))
+        tl.store(t_base + n_keep, start, mask=keep > 0)
+        n_keep += keep
+        n_seen += 1
+
+    # Phase B: kept tiles only, final max known.
+    tl.debug_barrier()  # phase-A stores visible to every thread of the CTA
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    for i in tl.range(0, n_keep, num_stages=STAGES_B):
+        start = tl.load(t_base + i)
+        offs_n = start + offs_t
+        n_ok = offs_n < hi
+        rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.load(s_base + i * kv_group * BLOCK_N + s_tile, mask=h_ok[:, None] & n_ok[None, :],
+                    other=float("-inf")).to(tl.float32)
+        m_ref = tl.load(r_base + i * kv_group + offs_h, mask=h_ok, other=0.0)
+        s = tl.where(h_ok[:, None], s, 0.0)  # padding rows: p = 1, never stored
+        p = tl.math.exp2(s + (m_ref - m_i)[:, None])
+        l_i += tl.sum(p, 1)
+        acc += tl.dot(p.to(v.dtype), v)
+
+    po = part_o + seq.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s
+    tl.store(po + offs_dv[None, :], acc / l_i[:, None], mask=h_ok[:, None])
+    pl = part_lse + seq.to(tl.int64) * stride_pl_b + heads * stride_pl_h + split
+    tl.store(pl, m_i + tl.math.log2(l_i), mask=h_ok)
+    if COUNT:
+        zero = tl.zeros([BLOCK_H], dtype=tl.int32)
+        tl.atomic_add(stats_ptr + heads * 2, zero + n_seen, mask=h_ok)
+        tl.atomic_add(stats_ptr + heads * 2 + 1, zero + (n_seen - n_keep), mask=h_ok)
+
+
+@triton.jit(do_not_specialize=NO_SPEC)
 def gather_read_kernel(
     K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr, sink, max_splits,
     stride_bkt, stride_bkh, stride_bvt, stride_bvh,
@@ -458,6 +656,49 @@ class Lookahead2(Runner):
         return self.merge()
 
 
+class DeferredV(Runner):
+    def __call__(self, factor, stats=None):
+        p = self.p
+        scale = p.scale(factor)
+        self.last = deferred_v_split_kernel[(p.batch, p.hkv, self.n_splits)](
+            p.q, p.kb, p.vb, p.indptr, p.idx, self.splits_t, scale, stats, self.part_o, self.part_lse,
+            1.0 / math.sqrt(p.d), p.group, self.n_splits,
+            p.q.stride(0), p.q.stride(1), p.kb.stride(0), p.kb.stride(1), p.vb.stride(0), p.vb.stride(1),
+            self.part_o.stride(0), self.part_o.stride(1), self.part_o.stride(2), self.part_lse.stride(0), self.part_lse.stride(1),
+            BLOCK_H=max(16, _next_pow2(p.group)), BLOCK_N=self.block_n, BLOCK_D=p.d, BLOCK_DV=p.d,
+            SKIP=scale is not None, COUNT=stats is not None, STAGES=self.num_stages, num_warps=self.num_warps,
+        )
+        return self.merge()
+
+
+class Fused2P(Runner):
+    def __init__(self, *a, score_dtype=torch.float32, stages_b=None, **kw):
+        super().__init__(*a, **kw)
+        p = self.p
+        self.stages_b = stages_b or self.num_stages
+        lens = (p.indptr[1:] - p.indptr[:-1]).cpu()
+        self.cap = max(int(max(decode_split_len(int(n), self.n_splits, self.block_n) for n in lens)) // self.block_n, 1)
+        n_slots = p.batch * p.hkv * self.n_splits * self.cap
+        self.score_ws = torch.empty(n_slots * p.group * self.block_n, dtype=score_dtype, device=p.dev)
+        self.mref_ws = torch.empty(n_slots * p.group, dtype=torch.float32, device=p.dev)
+        self.tiles_ws = torch.empty(n_slots, dtype=torch.int32, device=p.dev)
+
+    def __call__(self, factor, stats=None):
+        p = self.p
+        scale = p.scale(factor)
+        self.last = fused_2p_split_kernel[(p.batch, p.hkv, self.n_splits)](
+            p.q, p.kb, p.vb, p.indptr, p.idx, self.splits_t, scale, stats,
+            self.score_ws, self.mref_ws, self.tiles_ws, self.part_o, self.part_lse,
+            1.0 / math.sqrt(p.d), p.group, self.n_splits, p.hkv, self.cap,
+            p.q.stride(0), p.q.stride(1), p.kb.stride(0), p.kb.stride(1), p.vb.stride(0), p.vb.stride(1),
+            self.part_o.stride(0), self.part_o.stride(1), self.part_o.stride(2), self.part_lse.stride(0), self.part_lse.stride(1),
+            BLOCK_H=max(16, _next_pow2(p.group)), BLOCK_N=self.block_n, BLOCK_D=p.d, BLOCK_DV=p.d,
+            SKIP=scale is not None, COUNT=stats is not None, STAGES_A=self.num_stages, STAGES_B=self.stages_b,
+            num_warps=self.num_warps,
+        )
+        return self.merge()
+
+
 class GatherRead(Runner):
     """Yardstick, factor-independent."""
 
@@ -516,6 +757,18 @@ def build_variants(prob, smoke):
         (f"two-phase k2 s{s1}", lambda: TP(f"two-phase k2 s{s1}", prob, sub1=2, splits=s1)),
         (f"two-phase k2 s{s2}", lambda: TP(f"two-phase k2 s{s2}", prob, sub1=2, splits=s2)),
         ("lookahead2", lambda: Lookahead2("lookahead2", prob)),
+        # 128-key tiles (the d=128 default of blasst_kernels); decisions replay current bn128.
+        ("deferred-v bn128", lambda: DeferredV("deferred-v bn128", prob, block_n=128)),
+        ("deferred-v bn128 w8", lambda: DeferredV("deferred-v bn128 w8", prob, block_n=128, num_warps=8)),
+        ("deferred-v bn64", lambda: DeferredV("deferred-v bn64", prob)),
+        # st5: both loops at 5 stages, the least that gives K (phase A) and V (phase B) two buffers each;
+        # at 3-4 stages each indirect load gets one buffer and waits at the top of the next iteration.
+        ("fused2p bn128 st3", lambda: Fused2P("fused2p bn128 st3", prob, block_n=128)),
+        ("fused2p bn128 st5", lambda: Fused2P("fused2p bn128 st5", prob, block_n=128, num_stages=5)),
+        ("fused2p bn128 st5 f16s", lambda: Fused2P("fused2p bn128 st5 f16s", prob, block_n=128, num_stages=5,
+                                                   score_dtype=torch.float16)),
+        ("fused2p bn128 st5 f16s w8", lambda: Fused2P("fused2p bn128 st5 f16s w8", prob, block_n=128, num_stages=5,
+                                                      score_dtype=torch.float16, num_warps=8)),
         ("read K+V (gather)", lambda: GatherRead("read K+V (gather)", prob)),
         (f"read K+V (gather) s{s1}", lambda: GatherRead(f"read K+V (gather) s{s1}", prob, splits=s1)),
         ("read K only (gather)", lambda: GatherRead("read K only (gather)", prob, read_v=False)),
@@ -646,10 +899,11 @@ def bench(fn):
 
 _PTR_TYPES = {"Q": "*bf16", "K_buf": "*bf16", "V_buf": "*bf16", "kv_indptr": "*i32", "kv_indices": "*i32",
               "num_splits_ptr": "*i32", "scale_ptr": "*fp32", "stats_ptr": "*i32", "map_ptr": "*i8", "part_o": "*fp32",
-              "part_lse": "*fp32", "score_ws": "*fp32", "rows_ws": "*i32", "sink": "*fp32"}
+              "part_lse": "*fp32", "score_ws": "*fp32", "rows_ws": "*i32", "sink": "*fp32", "mref_ws": "*fp32",
+              "tiles_ws": "*i32"}
 
 
-def compile_sm90(fn, consts, num_warps, num_stages):
+def compile_sm90(fn, consts, num_warps, num_stages, types=None):
     """Compile a kernel for sm_90 without a GPU, with the runtime's divisibility-16 hints on pointers
     and strides (as the launcher specialises them for these shapes)."""
     from triton.backends.compiler import GPUTarget
@@ -660,7 +914,7 @@ def compile_sm90(fn, consts, num_warps, num_stages):
         if n in consts:
             sig[n] = "constexpr"
             continue
-        sig[n] = _PTR_TYPES.get(n, "fp32" if n == "sm_scale" else "i32")
+        sig[n] = (types or {}).get(n) or _PTR_TYPES.get(n, "fp32" if n == "sm_scale" else "i32")
         if sig[n].startswith("*") or n.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
@@ -683,7 +937,7 @@ def ptxas_regs(k):
     return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else -1
 
 
-def inspect_kernels():
+def inspect_kernels(only=None):
     """Registers, spills, shared memory, async copies and an occupancy estimate per kernel config (sm_90)."""
     from blasst_kernels.triton_decode import decode_split_kernel
 
@@ -697,11 +951,23 @@ def inspect_kernels():
                                     ("two-phase k2v2 w8", 2, 2, 3, 8), ("two-phase k4 w8", 4, 1, 3, 8)):
         configs.append((name, two_phase_split_kernel, dict(base, BLOCK_N=64, SUB1=sub1, SUB2=sub2, SKIP=True, STAGES1=st, STAGES2=st), w, 3))
     configs.append(("lookahead2", lookahead2_split_kernel, dict(base, BLOCK_N=64, SKIP=True), 4, 3))
+    for bn, w, st in ((128, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 3)):
+        for skip in (False, True):
+            configs.append((f"deferred-v bn{bn} w{w} st{st}", deferred_v_split_kernel,
+                            dict(base, BLOCK_N=bn, SKIP=skip, STAGES=st), w, st))
+    for w, st, sdt in ((4, 3, "*fp32"), (4, 4, "*fp32"), (4, 5, "*fp32"), (4, 5, "*fp16"), (8, 5, "*fp32"), (8, 5, "*fp16")):
+        for skip in (False, True):
+            configs.append((f"fused2p bn128 w{w} st{st} {sdt[1:]}", fused_2p_split_kernel,
+                            dict(base, BLOCK_N=128, SKIP=skip, STAGES_A=st, STAGES_B=st, _types={"score_ws": sdt}), w, 3))
     configs.append(("read K+V (gather)", gather_read_kernel, dict(BLOCK_N=64, BLOCK_D=128, READ_V=True), 4, 3))
     print(f"{'kernel':24s} {'skip':>5s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'cp.async':>8s} {'CTAs/SM':>8s}")
     for name, fn, consts, warps, stages in configs:
+        if only and not any(o in name for o in only):
+            continue
+        consts = dict(consts)
+        types = consts.pop("_types", None)
         try:
-            k = compile_sm90(fn, consts, warps, stages)
+            k = compile_sm90(fn, consts, warps, stages, types)
             regs, spill = ptxas_regs(k)
             smem = k.metadata.shared
             by_regs = 65536 // (max(regs, 1) * 32 * warps) if regs > 0 else 0
@@ -731,7 +997,7 @@ def run_shape(shape, args, dtype, device, rows, errors):
     t0 = time.time()
     prob = make_problem(batch, ctx, page, args.hq, args.hkv, args.d, dtype, device, sharpness=2.5 if args.smoke else 1.0)
     print(f"--- {prob.label}: inputs {time.time() - t0:.1f}s, default splits {prob.default_splits()}", flush=True)
-    cur = Current("current", prob)
+    cur = Current("current", prob, block_n=args.calib_block_n)
     factors = [("dense", None), ("~0%", 1e-6)]
     for target in (0.7, 0.9):
         if args.smoke:
@@ -744,7 +1010,7 @@ def run_shape(shape, args, dtype, device, rows, errors):
     checker = Checker(prob, torch.float64 if device == "cpu" else torch.float32)
     runners = []
     for name, make in build_variants(prob, args.smoke):
-        if args.only and not any(s in name for s in args.only):
+        if args.only and name != "current" and not any(s in name for s in args.only):
             continue
         try:
             runners.append(make())
@@ -843,17 +1109,18 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--smoke", action="store_true", help="tiny fp16 shapes, correctness only (CPU interpreter)")
     ap.add_argument("--shapes", default=None, help="e.g. '16x65536p16,128x8192p1' (default: the four issue shapes)")
-    ap.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run (current always runs)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="substrings of variant names to run ('current', the bn64 kernel the factors are bisected on, always runs)")
+    ap.add_argument("--calib-block-n", type=int, default=64,
+                    help="tile size of the current kernel whose skip fraction defines the ~70%%/~90%% targets (64; 128 = the d=128 default)")
     ap.add_argument("--inspect", action="store_true", help="compile for sm_90 (no GPU needed, no TRITON_INTERPRET) and print regs/smem")
     args = ap.parse_args()
     if args.inspect:
-        inspect_kernels()
+        inspect_kernels(args.only)
         return
     device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
     if device == "cpu" and not INTERPRET:
         sys.exit("no GPU: run with TRITON_INTERPRET=1 ... --smoke")
-    if args.only is not None:
-        args.only = list(args.only) + ["current"]
     if args.smoke:
         args.hq, args.hkv, args.d = 8, 2, 64
         dtype = torch.float16  # bf16 tl.dot is wrong under the interpreter
