@@ -33,14 +33,14 @@ def sparsity(run, num_heads):
     return round(skipped / max(seen, 1), 3)
 
 
-def sweep_prefill(length, d, configs, kv_heads=8):
-    q, k, v, cu = prefill_inputs([length], 32, kv_heads, d, 1.6)
-    flops = 4.0 * length * length * 32 * d / 2
+def sweep_prefill(lens, d, configs, kv_heads=8):
+    q, k, v, cu = prefill_inputs(lens, 32, kv_heads, d, 1.6)
+    flops = sum(4.0 * n * n * 32 * d / 2 for n in lens)
     for cfg in configs:
         opts = KernelOptions(*cfg)
-        row = {"phase": "prefill", "len": length, "d": d, "hkv": kv_heads, "cfg": cfg}
+        row = {"phase": "prefill", "lens": lens, "d": d, "hkv": kv_heads, "cfg": cfg}
         for f in FACTORS:
-            run = lambda st=None, f=f: prefill_attention(q, k, v, cu, max_seqlen=length, threshold_scale_factor=f, stats=st, options=opts)
+            run = lambda st=None, f=f: prefill_attention(q, k, v, cu, max_seqlen=max(lens), threshold_scale_factor=f, stats=st, options=opts)
             row[f"tflops@{f}"] = round(flops / triton.testing.do_bench(run, return_mode="median") / 1e9, 1)
             if f:
                 row[f"sparsity@{f}"] = sparsity(run, 32)
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--prefill-d128", nargs="*", default=["128,64,8,3", "128,128,8,3", "128,128,8,2", "64,64,4,3", "128,32,4,3"],
                     help="block_m,block_n,warps,stages per configuration")
     ap.add_argument("--prefill-d64", nargs="*", default=["128,64,4,3", "128,128,8,2", "128,64,8,3", "64,64,4,3"])
-    ap.add_argument("--lengths", nargs="*", type=int, default=[16384])
+    ap.add_argument("--lengths", nargs="*", default=["16384"], help="one batch each; a ragged batch as 8192+4096+1024")
     ap.add_argument("--kv-heads", nargs="*", type=int, default=[8], help="32 query heads over this many KV heads")
     ap.add_argument("--decode", nargs="*", default=["64,2,4,16", "64,3,4,16", "64,4,4,16", "32,3,4,16", "128,2,4,16", "64,3,4,8"],
                     help="block_n,stages,warps,max_splits per configuration (none: skip decode)")
@@ -77,10 +77,11 @@ def main():
     cfgs = lambda specs: [tuple(int(x) for x in spec.split(",")) for spec in specs]
     info = env_info()
     rows = []
-    for length in args.lengths:
+    for batch in args.lengths:
+        lens = [int(n) for n in batch.split("+")]
         for kv_heads in args.kv_heads:
-            rows += sweep_prefill(length, 128, cfgs(args.prefill_d128), kv_heads)
-            rows += sweep_prefill(length, 64, cfgs(args.prefill_d64), kv_heads)
+            rows += sweep_prefill(lens, 128, cfgs(args.prefill_d128), kv_heads)
+            rows += sweep_prefill(lens, 64, cfgs(args.prefill_d64), kv_heads)
     if args.decode:
         rows += sweep_decode(32, 16384, 16, cfgs(args.decode))
         rows += sweep_decode(128, 8192, 1, cfgs(args.decode))

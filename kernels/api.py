@@ -80,6 +80,20 @@ def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions
     return KernelOptions(64, 64, num_warps=4, num_stages=3)
 
 
+#: Shared memory the prefill defaults may plan for: the H100's 232,448 B per block less 2 KB of
+#: Triton's own (d=128 bf16 with 3 stages: 229,376 B of tiles, 230,400 B compiled).
+_PREFILL_SMEM_BUDGET = 232448 - 2048
+
+
+def _fit_stages(opts: KernelOptions, dk: int, dv: int, element_size: int) -> KernelOptions:
+    """Fewer pipeline stages where the default tiles would not fit in shared memory (float32 at
+    d >= 128): the tiles, and so the skip decisions, stay those of :func:`default_options`."""
+    stages = opts.num_stages
+    while stages > 1 and element_size * (opts.block_m * dk + stages * opts.block_n * (dk + dv)) > _PREFILL_SMEM_BUDGET:
+        stages -= 1
+    return KernelOptions(opts.block_m, opts.block_n, opts.num_warps, stages)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -232,7 +246,7 @@ def extend_attention(
     _check_runnable(q)
     scale = _scale_tensor(threshold_scale_factor, num_heads, device)
     stats = _stats_tensor(stats, num_heads, device)
-    opts = options or default_options(dk, dv, "prefill")
+    opts = options or _fit_stages(default_options(dk, dv, "prefill"), dk, dv, q.element_size())
     if opts.block_m % opts.block_n:
         raise ValueError(f"block_m ({opts.block_m}) must be a multiple of block_n ({opts.block_n}) for prefill")
     out = _output(out, (n_tokens, num_heads, dv), q)

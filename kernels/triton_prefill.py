@@ -127,6 +127,8 @@ def extend_fwd_kernel(
     ext_len = tl.load(qo_indptr + seq + 1) - q_start
     if pid_m * BLOCK_M >= ext_len:
         return
+    # Causal blocks further down have more key tiles: launch those first (a shorter tail).
+    pid_m = tl.cdiv(ext_len, BLOCK_M) - 1 - pid_m
     kv_start = tl.load(kv_indptr + seq)
     prefix_len = tl.load(kv_indptr + seq + 1) - kv_start
     kv_head = head // kv_group

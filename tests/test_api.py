@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from blasst_kernels import KernelOptions, decode_attention, extend_attention, prefill_attention
+from blasst_kernels import SUPPORTED_HEAD_DIMS, KernelOptions, decode_attention, default_options, extend_attention, prefill_attention
+from blasst_kernels.api import _PREFILL_SMEM_BUDGET, _fit_stages
 
 
 def qkv(n=8, hq=4, hkv=2, dk=64, dv=64, dtype=torch.float16):
@@ -76,3 +77,15 @@ def test_cpu_without_interpreter(monkeypatch):
     q, k, v = qkv()
     with pytest.raises(ValueError, match="CUDA tensors"):
         extend_attention(q, k, v, None, None, CU, torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dk, dv", SUPPORTED_HEAD_DIMS)
+def test_prefill_defaults_fit_shared_memory(dk, dv):
+    """float32 at d >= 128 drops pipeline stages to fit, but keeps the tiles (the skip granularity)."""
+    base = default_options(dk, dv, "prefill")
+    for element_size in (2, 4):
+        opts = _fit_stages(base, dk, dv, element_size)
+        assert (opts.block_m, opts.block_n, opts.num_warps) == (base.block_m, base.block_n, base.num_warps)
+        tiles = element_size * (opts.block_m * dk + opts.num_stages * opts.block_n * (dk + dv))
+        assert tiles <= _PREFILL_SMEM_BUDGET or opts.num_stages == 1
+    assert _fit_stages(base, dk, dv, 2) == base  # 16-bit inputs keep the measured defaults
