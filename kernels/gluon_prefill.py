@@ -5,7 +5,7 @@ owned by its own consumer warpgroup; a one-warp producer streams K and V tiles w
 
 - producer (worker, 1 warp, few registers): Q of both halves, then K and V tiles
   ``[j * BLOCK_N, (j + 1) * BLOCK_N)`` into a ``NUM_STAGES`` ring. ``ready_k[s]``/``ready_v[s]``
-  complete on the TMA bytes; ``empty[s]`` (two arrivals) is released by both consumers.
+  complete on the TMA bytes; each consumer releases a stage through its own ``empty`` barriers.
 - consumer 0 (default partition, 4 warps: rows 0-63) and consumer 1 (worker, 4 warps: rows 64-127):
   ``S = Q Kᵀ`` (wgmma, operands in shared memory), the BLASST decision, online softmax, and
   ``acc += P V`` (wgmma, P from registers). Each warpgroup decides for its own 64 rows, so the
@@ -56,14 +56,15 @@ def _log2_lambda(scale_ptr, head, seq_len):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
-              q_start, seq_len, pid_m, head, kv_group,
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
+              empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr):
     """One warp: Q of both halves, then K_0, (K_1, V_0), (K_2, V_1), ... through the two rings.
 
     V_j goes after K_{j+1}: with OVERLAP the consumers need ``Q K_{j+1}ᵀ`` before ``P_j V_j``.
-    Before re-arming a ``ready`` barrier the producer waits for that stage's previous copy to
-    land, so a consumer that skips a tile may release its V stage without waiting for it."""
+    Each consumer has its own ``empty`` barriers (one arrival each) and releases a stage only after
+    waiting for its ``ready`` barrier, skipped tiles included: so no barrier can complete a phase
+    early (two arrivals from one warpgroup) or twice before the producer waits on it."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     q_row = q_start + pid_m * (2 * HALF)
     for h in gl.static_range(2):
@@ -75,22 +76,18 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, r
         if i < n_tiles:  # K_i
             s = i % NUM_STAGES
             ph = (i // NUM_STAGES) & 1
-            mbarrier.wait(empty_k.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
-            mbarrier.wait(ready_k.index(s), ph ^ 1, pred=i >= NUM_STAGES)
+            mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
+            mbarrier.wait(empty_k1.index(s), ph ^ 1)
             mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [q_start + i * BLOCK_N, kv_col], ready_k.index(s), k_smem.index(s))
         if i > 0:  # V_{i-1}
             j = i - 1
             s = j % NUM_STAGES
             ph = (j // NUM_STAGES) & 1
-            mbarrier.wait(empty_v.index(s), ph ^ 1)
-            mbarrier.wait(ready_v.index(s), ph ^ 1, pred=j >= NUM_STAGES)
+            mbarrier.wait(empty_v0.index(s), ph ^ 1)
+            mbarrier.wait(empty_v1.index(s), ph ^ 1)
             mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_col], ready_v.index(s), v_smem.index(s))
-    # Do not let the CTA end under a copy nobody waited for (a V tile both halves skipped).
-    for st in gl.static_range(NUM_STAGES):
-        last = n_tiles - 1 - (n_tiles - 1 - st) % NUM_STAGES  # last tile that used stage st
-        mbarrier.wait(ready_v.index(st), (last // NUM_STAGES) & 1, pred=n_tiles > st)
 
 
 @gluon.jit
@@ -186,10 +183,11 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
             l_i = l_new
         else:
             n_skip += 1
+            mbarrier.wait(ready_v.index(s), ph)  # release only what landed (see _producer)
         # Release K and V together: each release costs a 128-thread barrier (the arrive is one
         # thread's, after all four warps are done).
-        mbarrier.arrive(empty_k.index(s))
         mbarrier.arrive(empty_v.index(s))
+        mbarrier.arrive(empty_k.index(s))
     return acc, l_i, m_i, n_skip
 
 
@@ -238,6 +236,7 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
         else:
             n_skip += 1
             j_prev = -1
+            mbarrier.wait(ready_v.index(s), ph)  # release only what landed (see _producer)
             mbarrier.arrive(empty_v.index(s))
     return acc, l_i, m_i, n_skip, p_prev, j_prev
 
@@ -310,8 +309,11 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
     # Tiles only the other half sees (BLOCK_N = 64, or this half has no row): release them.
     for j in range(n_vis, n_tiles):
         s = j % NUM_STAGES
-        mbarrier.arrive(empty_k.index(s))
+        ph = (j // NUM_STAGES) & 1
+        mbarrier.wait(ready_k.index(s), ph)  # release only what landed (see _producer)
+        mbarrier.wait(ready_v.index(s), ph)
         mbarrier.arrive(empty_v.index(s))
+        mbarrier.arrive(empty_k.index(s))
 
     if last_row >= r0:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -357,26 +359,31 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, 
         q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready_k = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         ready_v = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty_k = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty_v = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        # One empty barrier per consumer warpgroup and stage (see _producer).
+        empty_k0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_v0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_k1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty_v1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bars.index(i), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready_k.index(i), count=1)
             mbarrier.init(ready_v.index(i), count=1)
-            mbarrier.init(empty_k.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(empty_v.index(i), count=2)
+            mbarrier.init(empty_k0.index(i), count=1)
+            mbarrier.init(empty_v0.index(i), count=1)
+            mbarrier.init(empty_k1.index(i), count=1)
+            mbarrier.init(empty_v1.index(i), count=1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+            (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
                          0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)),
-            (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+            (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k1, empty_v1,
                           out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot,
                           stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
-                         q_start, seq_len, pid_m, head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
+                         empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
