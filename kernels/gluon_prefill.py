@@ -22,8 +22,10 @@ TMA zero fill past the tensor end. Rows of ``v`` past ``qo_indptr[-1]`` (padding
 leave uninitialised) would meet ``p = 0`` in ``P·V`` (``0·NaN = NaN``): with ``ZERO_TAIL_V``
 the consumers zero the rows past the sequence end of the tile that holds the sequence's last key.
 
-Status: compiled for sm_90 on a CPU machine (see ``benchmarks/experiments/gluon_compile_report.py``);
-not yet run on a GPU.
+Status: GPU-verified on an H100 (protocol of commit 779b348: 12/12 checks exact); the V_EARLY /
+KV_BAR / VOTE / SPEC switches compile for sm_90 without spills (``gluon_compile_report.py``) and are
+timed side by side by ``benchmarks/experiments/gluon_prefill_check.py``. Launch defaults per mode:
+:data:`DENSE_DEFAULTS`, :data:`SKIP_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["gluon_prefill", "HALF_M", "CTA_M"]
+__all__ = ["gluon_prefill", "HALF_M", "CTA_M", "DENSE_DEFAULTS", "SKIP_DEFAULTS", "launch_config"]
 
 HALF_M = 64  # query rows per consumer warpgroup (the skip-decision granularity)
 CTA_M = 2 * HALF_M  # query rows per CTA
@@ -58,13 +60,19 @@ def _log2_lambda(scale_ptr, head, seq_len):
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
               empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group,
-              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """One warp: Q of both halves, then K_0, (K_1, V_0), (K_2, V_1), ... through the two rings.
+              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+              V_EARLY: gl.constexpr, KV_BAR: gl.constexpr):
+    """One warp: Q of both halves, then the K and V tiles through the two rings.
 
-    V_j goes after K_{j+1}: with OVERLAP the consumers need ``Q K_{j+1}ᵀ`` before ``P_j V_j``.
-    Each consumer has its own ``empty`` barriers (one arrival each) and releases a stage only after
-    waiting for its ``ready`` barrier, skipped tiles included: so no barrier can complete a phase
-    early (two arrivals from one warpgroup) or twice before the producer waits on it."""
+    Order: K_0, (K_1, V_0), (K_2, V_1), ... by default (with OVERLAP the consumers need
+    ``Q K_{j+1}ᵀ`` before ``P_j V_j``); with ``V_EARLY`` K_0, V_0, K_1, V_1, ... (V_j has landed by
+    the time a consumer skips tile j and releases it). With ``KV_BAR`` one ``empty`` barrier per
+    consumer and stage covers K and V together (``empty_k*``; ``empty_v*`` unused).
+
+    Protocol invariant: each consumer has its own ``empty`` barriers (count 1, one arrival per
+    use of a stage) and releases a stage only after waiting for that use's ``ready`` barriers,
+    skipped tiles included: so no barrier can complete a phase twice before the producer waits
+    on it, and one warpgroup never completes the other's phase."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     q_row = q_start + pid_m * (2 * HALF)
     for h in gl.static_range(2):
@@ -72,22 +80,40 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, r
         tma.async_copy_global_to_shared(q_desc, [q_row + h * HALF, head * HEAD_D], q_bars.index(h), q_smem.index(h))
     kv_col = (head // kv_group) * HEAD_D
     n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1
-    for i in range(n_tiles + 1):
-        if i < n_tiles:  # K_i
+    if V_EARLY:
+        for i in range(n_tiles):
             s = i % NUM_STAGES
             ph = (i // NUM_STAGES) & 1
+            row = q_start + i * BLOCK_N
             mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
             mbarrier.wait(empty_k1.index(s), ph ^ 1)
             mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [q_start + i * BLOCK_N, kv_col], ready_k.index(s), k_smem.index(s))
-        if i > 0:  # V_{i-1}
-            j = i - 1
-            s = j % NUM_STAGES
-            ph = (j // NUM_STAGES) & 1
-            mbarrier.wait(empty_v0.index(s), ph ^ 1)
-            mbarrier.wait(empty_v1.index(s), ph ^ 1)
+            tma.async_copy_global_to_shared(k_desc, [row, kv_col], ready_k.index(s), k_smem.index(s))
+            if not KV_BAR:
+                mbarrier.wait(empty_v0.index(s), ph ^ 1)
+                mbarrier.wait(empty_v1.index(s), ph ^ 1)
             mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_col], ready_v.index(s), v_smem.index(s))
+            tma.async_copy_global_to_shared(v_desc, [row, kv_col], ready_v.index(s), v_smem.index(s))
+    else:
+        for i in range(n_tiles + 1):
+            if i < n_tiles:  # K_i
+                s = i % NUM_STAGES
+                ph = (i // NUM_STAGES) & 1
+                mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
+                mbarrier.wait(empty_k1.index(s), ph ^ 1)
+                mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [q_start + i * BLOCK_N, kv_col], ready_k.index(s),
+                                                k_smem.index(s))
+            if i > 0:  # V_{i-1}
+                j = i - 1
+                s = j % NUM_STAGES
+                ph = (j // NUM_STAGES) & 1
+                if not KV_BAR:
+                    mbarrier.wait(empty_v0.index(s), ph ^ 1)
+                    mbarrier.wait(empty_v1.index(s), ph ^ 1)
+                mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_col], ready_v.index(s),
+                                                v_smem.index(s))
 
 
 @gluon.jit
@@ -110,48 +136,89 @@ def _zero_v_tail(v_tile, n_valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam, qk_scale,
-                  dtype: gl.constexpr, DIAGONAL: gl.constexpr, SKIP: gl.constexpr):
+def _vote_post(matters, vote_buf):
+    """Per-warp OR of this warpgroup's row votes (shuffles only), one word per warp into ``vote_buf``.
+
+    ``matters`` is ``[64]`` in the wgmma accumulator's row layout, where warp ``w`` owns rows
+    ``16 w .. 16 w + 15``: reshaped to ``[4, 16]`` the row reduction stays inside each warp."""
+    HALF: gl.constexpr = matters.shape[0]
+    per_warp = gl.max(gl.reshape(matters.to(gl.int32), [4, HALF // 4]), 1)
+    vote_buf.store(per_warp)
+
+
+@gluon.jit
+def _vote_get(vote_buf):
+    """OR of the 4 warps' words (every thread reads all four: one named barrier, placed by the
+    compiler between :func:`_vote_post`'s store and this load)."""
+    all4: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])
+    return gl.max(vote_buf.load(all4), 0) > 0
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam, qk_scale, vote_buf,
+                  dtype: gl.constexpr, DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr,
+                  SPEC: gl.constexpr):
     """Scale and mask one score tile, decide, and (kept tiles only) compute its online-softmax update.
 
-    Returns ``keep, m_new, alpha, l_new, p`` (``p`` in ``p_skip``'s layout, the P·V A operand); a
-    skipped tile returns the state unchanged (``alpha = 1``, ``p = p_skip``) and no exp is done."""
+    Returns ``keep, m_new, alpha, l_new, p`` (``p`` in ``p_skip``'s layout, the P·V A operand). The
+    caller applies them only when ``keep``. Without ``SPEC`` a skipped tile does no exp (and returns
+    the state unchanged); with ``SPEC`` the update is computed before the decision is read, so the
+    decision's barrier overlaps the exps (kept tiles pay nothing, skipped ones pay the exps).
+    ``VOTE`` 0: the 64-row OR is ``gl.max`` (shared memory and two named barriers); 1: per-warp
+    shuffles, one word per warp through ``vote_buf`` and one named barrier."""
     BLOCK_N: gl.constexpr = qk.shape[1]
     qk = qk * qk_scale
     if DIAGONAL:
         cols = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
         visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < seq_len)
         qk = gl.where(visible, qk, float("-inf"))
-    m_ij = gl.max(qk, 1)
+    m_ij = gl.max(qk, 1)  # the one row max: the decision's m̃ and the softmax's new max
+    DECIDE: gl.constexpr = SKIP and not DIAGONAL
     keep = True
-    if SKIP:
-        if not DIAGONAL:
-            # Any valid row for which this tile may matter: m̃ − m ≥ log2 λ (first tile: m = -inf).
-            # A 64-row reduction over this warpgroup's 4 warps: 128-thread named barriers only.
-            matters = (m_ij - m_i >= log2_lam) & row_ok
+    if DECIDE:
+        # Any valid row for which this tile may matter: m̃ − m ≥ log2 λ (first tile: m = -inf).
+        # A 64-row reduction over this warpgroup's 4 warps: 128-thread named barriers only.
+        matters = (m_ij - m_i >= log2_lam) & row_ok
+        if VOTE == 1:
+            _vote_post(matters, vote_buf)
+        else:
             keep = gl.max(matters.to(gl.int32), 0) > 0
-    if keep:
+    if SPEC or not DECIDE:
         m_new = gl.maximum(m_i, m_ij)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(qk - m_new[:, None])
         l_new = l_i * alpha + gl.sum(p, 1)
         p_op = gl.convert_layout(p.to(dtype), p_skip.type.layout)
+        if DECIDE:
+            if VOTE == 1:
+                keep = _vote_get(vote_buf)
     else:
-        m_new = m_i
-        alpha = gl.full_like(m_i, 1.0)
-        l_new = l_i
-        p_op = p_skip
+        if VOTE == 1:
+            keep = _vote_get(vote_buf)
+        if keep:
+            m_new = gl.maximum(m_i, m_ij)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(qk - m_new[:, None])
+            l_new = l_i * alpha + gl.sum(p, 1)
+            p_op = gl.convert_layout(p.to(dtype), p_skip.type.layout)
+        else:
+            m_new = m_i
+            alpha = gl.full_like(m_i, 1.0)
+            l_new = l_i
+            p_op = p_skip
     return keep, m_new, alpha, l_new, p_op
 
 
 @gluon.jit
-def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v, vote_buf,
            lo, hi, r0, seq_len, log2_lam, qk_scale,
            s_layout: gl.constexpr, o_layout: gl.constexpr,
            BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-           DIAGONAL: gl.constexpr, SKIP: gl.constexpr, ZERO_TAIL_V: gl.constexpr):
+           DIAGONAL: gl.constexpr, SKIP: gl.constexpr, ZERO_TAIL_V: gl.constexpr,
+           KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
     """Key tiles ``[lo, hi)`` of one consumer (64 rows from sequence row ``r0``), no overlap:
-    S = QKᵀ, softmax, P·V in order, each wgmma waited at once."""
+    S = QKᵀ, softmax, P·V in order, each wgmma waited at once. With ``KV_BAR`` the stage (K and V)
+    is released by one arrive on ``empty_k`` after both of its ready barriers were waited."""
     HALF: gl.constexpr = acc.shape[0]
     HEAD_D: gl.constexpr = acc.shape[1]
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -167,7 +234,8 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
         qk = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=[qk])
         keep, m_new, alpha, l_new, p_op = _softmax_step(qk, m_i, l_i, p_zero, rows, row_ok, k_start, seq_len,
-                                                        log2_lam, qk_scale, v_smem.dtype, DIAGONAL, SKIP)
+                                                        log2_lam, qk_scale, vote_buf, v_smem.dtype, DIAGONAL, SKIP,
+                                                        VOTE, SPEC)
         if keep:
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * alpha_o[:, None]
@@ -184,19 +252,23 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
         else:
             n_skip += 1
             mbarrier.wait(ready_v.index(s), ph)  # release only what landed (see _producer)
-        # Release K and V together: each release costs a 128-thread barrier (the arrive is one
-        # thread's, after all four warps are done).
-        mbarrier.arrive(empty_v.index(s))
-        mbarrier.arrive(empty_k.index(s))
+        # Release K and V together: each arrive costs a 128-thread barrier (the arrive is one
+        # thread's, after all four warps are done; the compiler also syncs before the next shared
+        # memory access), hence KV_BAR's single arrive.
+        if KV_BAR:
+            mbarrier.arrive(empty_k.index(s))
+        else:
+            mbarrier.arrive(empty_v.index(s))
+            mbarrier.arrive(empty_k.index(s))
     return acc, l_i, m_i, n_skip
 
 
 @gluon.jit
 def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-                   lo, hi, r0, seq_len, log2_lam, qk_scale,
+                   vote_buf, lo, hi, r0, seq_len, log2_lam, qk_scale,
                    s_layout: gl.constexpr, o_layout: gl.constexpr,
                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   DIAGONAL: gl.constexpr, SKIP: gl.constexpr):
+                   DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
     """Key tiles ``[lo, hi)`` with FA3's intra-warpgroup overlap: ``S_j = Q K_jᵀ`` is issued, then
     the pending ``P_prev V_prev`` (tile ``j_prev``, if any kept tile is pending), and tile j's
     softmax runs while that P·V is in flight. A kept tile becomes the pending one; a skipped tile
@@ -217,7 +289,8 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
             acc_tok = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=[qk_tok])
             keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
-                                                             log2_lam, qk_scale, v_smem.dtype, DIAGONAL, SKIP)
+                                                             log2_lam, qk_scale, vote_buf, v_smem.dtype, DIAGONAL,
+                                                             SKIP, VOTE, SPEC)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             mbarrier.arrive(empty_k.index(s))
             mbarrier.arrive(empty_v.index(sp))
@@ -225,7 +298,8 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
             qk = warpgroup_mma_wait(0, deps=[qk_tok])
             mbarrier.arrive(empty_k.index(s))
             keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
-                                                             log2_lam, qk_scale, v_smem.dtype, DIAGONAL, SKIP)
+                                                             log2_lam, qk_scale, vote_buf, v_smem.dtype, DIAGONAL,
+                                                             SKIP, VOTE, SPEC)
         if keep:
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * alpha_o[:, None]
@@ -260,11 +334,12 @@ def _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len,
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem,
               out_ptr, scale_ptr, stats_ptr,
               q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
               HALF_IDX: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
-              SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr):
+              SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
+              KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
     """One warpgroup: 64 query rows, their own skip decisions, their own output rows."""
     HALF: gl.constexpr = q_smem.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -286,6 +361,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
     l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
     n_skip = 0
+    vote_buf = vote_smem.index(HALF_IDX)
 
     q_tile = q_smem.index(HALF_IDX)
     mbarrier.wait(q_bars.index(HALF_IDX), 0)
@@ -294,26 +370,31 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
         j_prev = -1
         acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False, SKIP)
+            vote_buf, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False,
+            SKIP, VOTE, SPEC)
         acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, True, SKIP)
+            vote_buf, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, True,
+            SKIP, VOTE, SPEC)
         acc = _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES, ZERO_TAIL_V)
     else:
         acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-                                       empty_v, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout,
-                                       BLOCK_N, NUM_STAGES, False, SKIP, ZERO_TAIL_V)
+                                       empty_v, vote_buf, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout,
+                                       o_layout, BLOCK_N, NUM_STAGES, False, SKIP, ZERO_TAIL_V, KV_BAR, VOTE, SPEC)
         acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-                                       empty_v, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout,
-                                       BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V)
+                                       empty_v, vote_buf, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout,
+                                       o_layout, BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V, KV_BAR, VOTE, SPEC)
     # Tiles only the other half sees (BLOCK_N = 64, or this half has no row): release them.
     for j in range(n_vis, n_tiles):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
         mbarrier.wait(ready_k.index(s), ph)  # release only what landed (see _producer)
         mbarrier.wait(ready_v.index(s), ph)
-        mbarrier.arrive(empty_v.index(s))
-        mbarrier.arrive(empty_k.index(s))
+        if KV_BAR:
+            mbarrier.arrive(empty_k.index(s))
+        else:
+            mbarrier.arrive(empty_v.index(s))
+            mbarrier.arrive(empty_k.index(s))
 
     if last_row >= r0:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -328,14 +409,15 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
 
 
 @gluon.jit
-def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v,
+def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem,
                out_ptr, scale_ptr, stats_ptr,
                q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
-               SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr):
-    _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, out_ptr, scale_ptr, stats_ptr,
-              q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
-              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)
+               SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
+               KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
+    _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem, out_ptr, scale_ptr,
+              stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR, VOTE, SPEC)
 
 
 @gluon.jit
@@ -343,8 +425,12 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, 
                          sm_scale, kv_group, stride_ot, stride_oh,
                          BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                          SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                         V_EARLY: gl.constexpr = False, KV_BAR: gl.constexpr = False, VOTE: gl.constexpr = 0,
+                         SPEC: gl.constexpr = False):
     HALF: gl.constexpr = q_desc.block_type.shape[0]
+    # The overlap loop releases K (after S = QKᵀ) and V (after P·V) at different times.
+    KV_BAR_: gl.constexpr = KV_BAR and not OVERLAP
     # Longest CTAs first: program 0 takes the last 128 rows of the longest sequences.
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     head = gl.program_id(1)
@@ -356,10 +442,13 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, 
         q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+        # One word per warp of each consumer for the VOTE = 1 decision.
+        vote_smem = gl.allocate_shared_memory(gl.int32, [2, 4], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready_k = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         ready_v = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        # One empty barrier per consumer warpgroup and stage (see _producer).
+        # One empty barrier per consumer warpgroup and stage (see _producer); with KV_BAR the
+        # empty_k barriers cover K and V and the empty_v ones are never used.
         empty_k0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty_v0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty_k1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -376,14 +465,16 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, 
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
+            (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0, vote_smem,
                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
-                         0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)),
-            (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k1, empty_v1,
+                         0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE, SPEC)),
+            (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k1, empty_v1, vote_smem,
                           out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot,
-                          stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP)),
+                          stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE,
+                          SPEC)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
-                         empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES)),
+                         empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES,
+                         V_EARLY, KV_BAR_)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -404,9 +495,30 @@ def make_descriptors(q, k, v, block_n: int):
     return desc(q, HALF_M), desc(k, block_n), desc(v, block_n)
 
 
+# Launch defaults per mode, measured on an H100 (16K tokens, GQA 32/8, d=128, bf16 causal):
+# dense s3 + overlap 618 TF/s; skip mode s2 plain 528 / 735 / 820 TF/s at ~0 / 68 / 88 % skipped
+# (benchmarks/results/experiments/gluon_H100/gluon_quick.txt). The V_EARLY / KV_BAR / VOTE / SPEC
+# switches are candidates timed by benchmarks/experiments/gluon_prefill_check.py; they become
+# defaults only once measured.
+DENSE_DEFAULTS = dict(num_stages=3, overlap=True, v_early=False, kv_bar=False, vote=0, spec=False)
+SKIP_DEFAULTS = dict(num_stages=2, overlap=False, v_early=False, kv_bar=False, vote=0, spec=False)
+_TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "zero_tail_v", "consumer_regs",
+                "producer_regs", "maxnreg")
+
+
+def launch_config(skip: bool, **tuning) -> dict:
+    """The tuning a launch uses: the mode's defaults, overridden by ``tuning``."""
+    unknown = set(tuning) - set(_TUNING_KEYS)
+    if unknown:
+        raise TypeError(f"gluon_prefill: unknown tuning keys {sorted(unknown)}")
+    cfg = dict(zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
+    cfg.update(SKIP_DEFAULTS if skip else DENSE_DEFAULTS)
+    cfg.update(tuning)
+    return cfg
+
+
 def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, max_extend_len,
-                  block_n=128, num_stages=2, overlap=False, zero_tail_v=True, consumer_regs=240, producer_regs=24,
-                  maxnreg=168):
+                  block_n=128, **tuning):
     """Ragged causal BLASST prefill (no cached prefix) on Hopper, warp-specialised Gluon kernel.
 
     Args:
@@ -421,9 +533,14 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
             skipped); a tile is 64 query rows × ``block_n`` keys.
         sm_scale: softmax scale (``1/sqrt(D)`` usually).
         max_extend_len: the longest sequence (grid size; no device sync here).
-        block_n: keys per tile (64 or 128); num_stages: K/V ring depth.
-        zero_tail_v: zero V rows past the sequence end of its last tile (see module doc).
-        consumer_regs / producer_regs / maxnreg: register split (setmaxnreg) and the launch limit.
+        block_n: keys per tile (64 or 128).
+        tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` (callers normally pass
+            none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
+            ``v_early`` (producer issues V_j right after K_j), ``kv_bar`` (one empty barrier per stage
+            for K and V; plain loop only), ``vote`` (0: ``gl.max`` decision, 1: per-warp vote through
+            shared memory, one named barrier), ``spec`` (exps before the decision is read),
+            ``zero_tail_v`` (zero V rows past the sequence end of its last tile, see module doc),
+            ``consumer_regs`` / ``producer_regs`` / ``maxnreg`` (register split and launch limit).
     """
     T, hq, d = q.shape
     hkv = k.shape[1]
@@ -434,14 +551,16 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     batch = qo_indptr.shape[0] - 1
     if batch == 0 or max_extend_len <= 0:
         return
-    q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
     skip = scale is not None
+    cfg = launch_config(skip, **tuning)
+    q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
     grid = (triton.cdiv(max_extend_len, CTA_M), hq, batch)
     gluon_prefill_kernel[grid](
         q_desc, k_desc, v_desc, out, qo_indptr,
         scale if skip else out, stats if stats is not None else out,
         float(sm_scale), hq // hkv, out.stride(0), out.stride(1),
-        BLOCK_N=block_n, HEAD_D=d, NUM_STAGES=num_stages, SKIP=skip, COUNT=stats is not None,
-        ZERO_TAIL_V=zero_tail_v, OVERLAP=overlap, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        num_warps=4, maxnreg=maxnreg,
+        BLOCK_N=block_n, HEAD_D=d, NUM_STAGES=cfg["num_stages"], SKIP=skip, COUNT=stats is not None,
+        ZERO_TAIL_V=cfg["zero_tail_v"], OVERLAP=cfg["overlap"], CONSUMER_REGS=cfg["consumer_regs"],
+        PRODUCER_REGS=cfg["producer_regs"], V_EARLY=cfg["v_early"], KV_BAR=cfg["kv_bar"], VOTE=cfg["vote"],
+        SPEC=cfg["spec"], num_warps=4, maxnreg=cfg["maxnreg"],
     )

@@ -11,7 +11,14 @@
    gluon kernel's own counters), our Triton kernel at the same factors, cuDNN SDPA (and FlashInfer
    fa3 / FA2 SDPA when they import).
 
+3. d=64 on 64-key tiles (``--d64-variants``, default the module defaults): correctness (ragged,
+   NaN padding, GQA 3/8, bf16/fp16) and 16K timing at SmolLM2's 9/3 heads and at 32/8.
+
+Variants (``--variants``): ``gluon_compile_report.VARIANTS`` plus ``default`` (no tuning passed).
+Every variant is checked for correctness before any timing.
+
     python3 benchmarks/experiments/gluon_prefill_check.py [--quick] [--no-bench] [--compile-only]
+        [--variants s2,e2,...] [--d64-variants default,...]
 
 From the repo root, no installation needed (``kernels/`` is loaded as ``blasst_kernels``). Every
 variant that fails to compile or run is recorded and skipped. A watchdog ends the process (after
@@ -88,12 +95,10 @@ class Watchdog:
                 os._exit(3)
 
 
-VARIANTS = {  # name -> launcher kwargs
-    "s2": dict(num_stages=2, overlap=False),
-    "s2+ov": dict(num_stages=2, overlap=True),
-    "s3": dict(num_stages=3, overlap=False),
-    "s3+ov": dict(num_stages=3, overlap=True),
-}
+from gluon_compile_report import VARIANTS as _COMPILED  # noqa: E402  (name -> launcher tuning)
+
+# "default": no tuning passed, i.e. the module's own per-mode defaults (what blasst_kernels.api runs).
+VARIANTS = {"default": {}, **_COMPILED}
 
 
 def make_inputs(torch, synthetic_qkv, lens, hq, hkv, d, dtype, sharpness=1.6, seed=0, nan_pad=0):
@@ -107,24 +112,24 @@ def make_inputs(torch, synthetic_qkv, lens, hq, hkv, d, dtype, sharpness=1.6, se
     return q.contiguous(), k.contiguous(), v.contiguous(), cu
 
 
-def run_gluon(gp, torch, q, k, v, cu, max_len, factor, variant, stats=None, out=None):
+def run_gluon(gp, torch, q, k, v, cu, max_len, factor, variant, stats=None, out=None, block_n=128):
     hq, d = q.shape[1], q.shape[2]
     out = torch.empty_like(q) if out is None else out
     scale = None if factor is None else torch.full((hq,), float(factor), dtype=torch.float32, device=q.device)
     gp.gluon_prefill(q, k, v, out, cu, scale, stats, sm_scale=1.0 / math.sqrt(d), max_extend_len=max_len,
-                     **VARIANTS[variant])
+                     block_n=block_n, **VARIANTS[variant])
     return out
 
 
-def check_case(bk, gp, torch, synthetic_qkv, wd, *, lens, hq, hkv, dtype, factor, variants, nan_pad=0, seed=0):
-    d = 128
+def check_case(bk, gp, torch, synthetic_qkv, wd, *, lens, hq, hkv, dtype, factor, variants, nan_pad=0, seed=0,
+               d=128, block_n=128):
     q, k, v, cu = make_inputs(torch, synthetic_qkv, lens, hq, hkv, d, dtype, seed=seed, nan_pad=nan_pad)
     max_len = max(lens)
     refs = []
     for b, n in enumerate(lens):
         s = slice(int(cu[b]), int(cu[b + 1]))
         lam = bk.log_lambda(factor, torch.tensor([n]), hq)[0].to(q.device)
-        refs.append(bk.prefill_reference(q[s], k[s], v[s], log_lam=lam, block_m=64, block_n=128, causal=True,
+        refs.append(bk.prefill_reference(q[s], k[s], v[s], log_lam=lam, block_m=64, block_n=block_n, causal=True,
                                          compute_dtype=torch.float64))
     ref_vis = sum((r.tile_state != 0).sum(dim=(1, 2)) for r in refs).cpu()
     ref_skip = sum((r.tile_state == 2).sum(dim=(1, 2)) for r in refs).cpu()
@@ -134,13 +139,13 @@ def check_case(bk, gp, torch, synthetic_qkv, wd, *, lens, hq, hkv, dtype, factor
     sparsity = float(ref_skip.sum()) / max(float(ref_vis.sum()), 1.0)
     for var in variants:
         rec = {"lens": lens, "hq": hq, "hkv": hkv, "dtype": str(dtype).split(".")[-1], "factor": factor,
-               "variant": var, "nan_pad": nan_pad, "ref_sparsity": sparsity, "near_threshold_tiles": near,
+               "variant": var, "d": d, "block_n": block_n, "nan_pad": nan_pad, "ref_sparsity": sparsity, "near_threshold_tiles": near,
                "min_abs_margin": min_margin}
         try:
             wd.arm(f"check {lens} {hq}/{hkv} {dtype} f={factor} {var}", 120)
             out = torch.full_like(q, float("nan"))
             stats = torch.zeros(hq, 2, dtype=torch.int32, device=q.device)
-            run_gluon(gp, torch, q, k, v, cu, max_len, factor, var, stats=stats, out=out)
+            run_gluon(gp, torch, q, k, v, cu, max_len, factor, var, stats=stats, out=out, block_n=block_n)
             torch.cuda.synchronize()
             wd.disarm()
             worst, nan_rows = 0.0, 0
@@ -165,7 +170,7 @@ def check_case(bk, gp, torch, synthetic_qkv, wd, *, lens, hq, hkv, dtype, factor
             traceback.print_exc()
         RESULT["cases"].append(rec)
         save()
-        print(f"  {var:6s} lens={lens} {hq}/{hkv} {rec['dtype']} f={factor} pad={nan_pad}: "
+        print(f"  {var:7s} lens={lens} {hq}/{hkv} d{d}/bn{block_n} {rec['dtype']} f={factor} pad={nan_pad}: "
               + (f"rel_err {rec['rel_err']:.2e} nan_rows {rec['nan_values_rows']} visited {rec['visited']}/{rec['ref_visited']} "
                  f"skipped {rec['skipped']}/{rec['ref_skipped']} (near-threshold tiles {near}, min |margin| {min_margin:.2e}) "
                  f"{'OK' if rec['ok'] else 'FAIL'}" if "error" not in rec else "ERROR " + rec["error"][:300]), flush=True)
@@ -206,8 +211,9 @@ def bisect(sparsity_at, target, lo=1e-4, hi=1e4, iters=20):
     return best
 
 
-def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpness=1.0):
-    hq, hkv, d = 32, 8, 128
+def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpness=1.0, hq=32, hkv=8, d=128,
+                 block_n=128, targets=(0.7, 0.9), with_zero=True):
+    tag = "" if (hq, hkv, d, block_n) == (32, 8, 128, 128) else f"[{hq}/{hkv} d{d} bn{block_n}] "
     flops = 2 * 2 * hq * d * L * L / 2
     sets = [make_inputs(torch, synthetic_qkv, [L], hq, hkv, d, torch.bfloat16, sharpness=sharpness, seed=100 * i)
             for i in range(3)]
@@ -215,7 +221,8 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
     rows = []
 
     def add(kernel, ms, sp=None, factor=None, err=None):
-        r = {"L": L, "kernel": kernel, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None,
+        kernel = tag + kernel
+        r = {"L": L, "hq": hq, "hkv": hkv, "d": d, "block_n": block_n, "kernel": kernel, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None,
              "sparsity": sp, "factor": factor}
         if err:
             r["error"] = err
@@ -253,7 +260,7 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
     # Factors for ~0 / 70 / 90 % on the first gluon variant that runs (else on the Triton kernel).
     def gluon_fn(var, factor, i, stats=None):
         q, k, v, cu = sets[i]
-        return lambda: run_gluon(gp, torch, q, k, v, cu, L, factor, var, stats=stats, out=outs[i])
+        return lambda: run_gluon(gp, torch, q, k, v, cu, L, factor, var, stats=stats, out=outs[i], block_n=block_n)
 
     def triton_fn(factor, i, stats=None):
         q, k, v, cu = sets[i]
@@ -267,12 +274,14 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
             break
     if probe is None:
         probe = lambda f, st: triton_fn(f, 0, st)()  # noqa: E731
-    factors = {"dense": None, "~0%": 1e-6}
-    for target in (0.7, 0.9):
+    factors = {"dense": None}
+    if with_zero:
+        factors["~0%"] = 1e-6
+    for target in targets:
         res, err = guarded(f"bisect {target} {L}", 300, lambda: bisect(lambda f: sparsity_of(torch, lambda st: probe(f, st), hq), target))
         if res:
             factors[f"~{int(target * 100)}%"] = res[0]
-    RESULT.setdefault("factors", {})[str(L)] = factors
+    RESULT.setdefault("factors", {})[tag + str(L)] = factors
 
     for label, factor in factors.items():
         for var in variants:
@@ -306,6 +315,8 @@ def main():
     ap.add_argument("--no-check", action="store_true", help="timing only")
     ap.add_argument("--compile-only", action="store_true", help="sm_90 compile report, no GPU")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    ap.add_argument("--d64-variants", default="default",
+                    help="variants checked and timed at d=64 (block_n=64): SmolLM2's shape 9/3 and 32/8; '' for none")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args()
     if args.compile_only:
@@ -318,10 +329,14 @@ def main():
 
     bk, gp = _import_kernels()
     variants = [v for v in args.variants.split(",") if v]
+    d64_variants = [v for v in args.d64_variants.split(",") if v]
+    for v in variants + d64_variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; known: {','.join(VARIANTS)}")
     props = torch.cuda.get_device_properties(0)
     RESULT["env"] = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
                      "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "variants": variants, "quick": args.quick}
+                     "variants": variants, "d64_variants": d64_variants, "quick": args.quick}
     wd = Watchdog()
 
     if not args.no_check:
@@ -339,10 +354,22 @@ def main():
                 dict(lens=[3000, 5], hq=24, hkv=3, dtype=torch.bfloat16, factor=1e-6),
                 dict(lens=[1, 2, 63, 700], hq=8, hkv=8, dtype=torch.bfloat16, factor=3000.0, nan_pad=64),
             ]
+        if d64_variants:  # SmolLM2: d=64 on 64x64 tiles (the kernel's decision granularity)
+            d64 = dict(d=64, block_n=64, variants=d64_variants)
+            cases += [
+                dict(lens=[1000, 77, 4097, 129], hq=9, hkv=3, dtype=torch.bfloat16, factor=300.0, nan_pad=100, **d64),
+                dict(lens=[64, 65, 128, 129, 191, 2049], hq=8, hkv=1, dtype=torch.float16, factor=None, **d64),
+            ]
+            if not args.quick:
+                cases += [
+                    dict(lens=[1, 2, 63, 700], hq=32, hkv=8, dtype=torch.bfloat16, factor=30.0, nan_pad=64, **d64),
+                    dict(lens=[3000, 5], hq=8, hkv=8, dtype=torch.float16, factor=3.0, **d64),
+                ]
         bk_mod, _ = bk, gp
         for c in cases:
+            c.setdefault("variants", variants)
             try:
-                check_case(bk_mod, gp, torch, synthetic_qkv, wd, variants=variants, **c)
+                check_case(bk_mod, gp, torch, synthetic_qkv, wd, **c)
             except Exception as exc:  # reference or input failure: record, go on
                 wd.disarm()
                 traceback.print_exc()
@@ -360,6 +387,17 @@ def main():
                 traceback.print_exc()
                 RESULT["errors"].append({"step": f"bench {L}", "error": f"{type(exc).__name__}: {str(exc)[:1000]}"})
             torch.cuda.empty_cache()
+        if d64_variants:  # d=64, 64-key tiles: SmolLM2's 9/3 heads, and 32/8; dense and ~70 %
+            for hq, hkv in ((9, 3), (32, 8)):
+                try:
+                    rows += bench_length(bk, gp, torch, triton, synthetic_qkv, wd, 16384, d64_variants, hq=hq, hkv=hkv,
+                                         d=64, block_n=64, targets=(0.7,), with_zero=args.quick is False)
+                except Exception as exc:
+                    wd.disarm()
+                    traceback.print_exc()
+                    RESULT["errors"].append({"step": f"bench d64 {hq}/{hkv}",
+                                             "error": f"{type(exc).__name__}: {str(exc)[:1000]}"})
+                torch.cuda.empty_cache()
     save()
 
     print("\n== summary")
@@ -372,14 +410,15 @@ def main():
                   + (c.get("error", "")[:200] or f"rel_err {c.get('rel_err'):.2e} nan_rows {c.get('nan_values_rows')} "
                      f"visited_diff {c.get('visited_diff')} skipped_diff {c.get('skipped_diff')} near {c['near_threshold_tiles']}"))
     if rows:
-        cudnn = {r["L"]: r["ms"] for r in rows if r["kernel"] == "cudnn sdpa" and r.get("ms")}
+        shape = lambda r: (r["L"], r["hq"], r["hkv"], r["d"])  # noqa: E731
+        cudnn = {shape(r): r["ms"] for r in rows if r["kernel"].endswith("cudnn sdpa") and r.get("ms")}
         print("\n| L | kernel | ms | TF/s | vs cuDNN | skipped |")
         print("| --- | --- | --- | --- | --- | --- |")
         for r in rows:
             if not r.get("ms"):
                 print(f"| {r['L']} | {r['kernel']} | error | | | |")
                 continue
-            ratio = f"{cudnn[r['L']] / r['ms']:.2f}x" if r["L"] in cudnn else "-"
+            ratio = f"{cudnn[shape(r)] / r['ms']:.2f}x" if shape(r) in cudnn else "-"
             sp = f"{r['sparsity']:.2f}" if isinstance(r.get("sparsity"), float) else "-"
             print(f"| {r['L']} | {r['kernel']} | {r['ms']:.3f} | {r['tflops']:.0f} | {ratio} | {sp} |")
     print(f"\nJSON: {OUT_PATH}")
