@@ -45,19 +45,27 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class KernelOptions:
     """Tile sizes and launch knobs. ``block_m``/``block_n`` also define the skip granularity.
 
-    ``block_m`` is ignored by decode (its rows are the heads of a KV group).
+    ``block_m`` is ignored by decode (its rows are the heads of a KV group). ``kernel`` picks the
+    prefill implementation: ``"auto"`` runs the warp-specialised Gluon kernel
+    (:mod:`blasst_kernels.gluon_prefill`) where it applies — an sm_90 GPU, fp16/bf16, head dim 128,
+    64 x 128 tiles, causal, no cached prefix, no skip map — and the Triton kernel otherwise;
+    ``"triton"`` always runs Triton. Both make the same decisions (same tiles, same rule), so
+    ``num_warps``/``num_stages``, Triton's knobs, change speed only.
     """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    kernel: str = "auto"
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.kernel not in ("auto", "triton"):
+            raise ValueError(f"kernel must be 'auto' or 'triton', got {self.kernel!r}")
 
 
 def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions:
@@ -72,9 +80,9 @@ def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions
     if head_dim > 128:
         return KernelOptions(64, 64, num_warps=8, num_stages=2)
     if head_dim > 64:
-        # H100, 16K/32K GQA and MHA: 3 TMA stages 498/489 TF/s dense vs 470/492 for 2, and 4-16 % faster
-        # with skipping (results/sweep_s3_H100); 225 KB of shared memory, under the 227 KB limit.
-        return KernelOptions(128, 128, num_warps=8, num_stages=3)
+        # 64 x 128: the Gluon kernel's tiles (one 64-row decision per consumer warpgroup), so the
+        # Triton kernel (prefixes, other GPUs) decides the same way.
+        return KernelOptions(64, 128, num_warps=4, num_stages=2)
     # d=64: 64x64 tiles cost 3 % of dense speed against 128x64 on the H100 but skip more at the same
     # threshold, and match the tile size the SmolLM2 accuracy numbers were measured with.
     return KernelOptions(64, 64, num_warps=4, num_stages=3)
@@ -247,8 +255,6 @@ def extend_attention(
     scale = _scale_tensor(threshold_scale_factor, num_heads, device)
     stats = _stats_tensor(stats, num_heads, device)
     opts = options or _fit_stages(default_options(dk, dv, "prefill"), dk, dv, q.element_size())
-    if opts.block_m % opts.block_n:
-        raise ValueError(f"block_m ({opts.block_m}) must be a multiple of block_n ({opts.block_n}) for prefill")
     out = _output(out, (n_tokens, num_heads, dv), q)
     if max_extend_len is None:
         max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if batch else 0
@@ -259,7 +265,15 @@ def extend_attention(
         n_q = -(-int(ext.max()) // opts.block_m) if batch else 0
         n_t = int(((pre + opts.block_n - 1) // opts.block_n + (ext + opts.block_n - 1) // opts.block_n).max()) if batch else 0
         skip_map = torch.zeros(batch, num_heads, max(n_q, 1), max(n_t, 1), dtype=torch.int8, device=device)
-    if batch and max_extend_len > 0:
+    if batch and max_extend_len > 0 and _gluon_applies(q, k, v, out, causal, kv_indices, opts, skip_map):
+        from .gluon_prefill import gluon_prefill
+
+        gluon_prefill(
+            q, k, v, out, qo_indptr, scale, stats,
+            sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), max_extend_len=int(max_extend_len),
+            block_n=opts.block_n,
+        )
+    elif batch and max_extend_len > 0:
         launch_extend(
             q, k, v, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices,
             scale, stats, skip_map,
@@ -269,6 +283,35 @@ def extend_attention(
             num_warps=opts.num_warps, num_stages=opts.num_stages,
         )
     return (out, skip_map) if return_skip_map else out
+
+
+#: (head dim, block_m, block_n) the Gluon prefill kernel serves (verified on an H100).
+_GLUON_SHAPES = ((128, 64, 128),)
+
+
+def _gluon_applies(q, k, v, out, causal, kv_indices, opts: KernelOptions, skip_map) -> bool:
+    """Whether :func:`extend_attention` runs the Gluon Hopper kernel (see :class:`KernelOptions`)."""
+    if opts.kernel != "auto" or skip_map is not None or not causal or kv_indices.numel() or _interpreting():
+        return False
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or v.shape[2] != q.shape[2]:
+        return False
+    if (q.shape[2], opts.block_m, opts.block_n) not in _GLUON_SHAPES:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    # TMA: heads packed, rows and base 16-byte aligned.
+    return all(
+        x.stride(1) == x.shape[2] and not (x.stride(0) * x.element_size()) % 16 and not x.data_ptr() % 16
+        for x in (q, k, v, out)
+    ) and _gluon_importable()
+
+
+def _gluon_importable() -> bool:
+    try:
+        from . import gluon_prefill  # noqa: F401
+    except ImportError:  # a triton without Gluon's Hopper API
+        return False
+    return True
 
 
 def prefill_attention(

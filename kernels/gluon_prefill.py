@@ -1,4 +1,4 @@
-"""BLASST prefill in Gluon for Hopper (sm_90): warp-specialised, FA3-style (prototype).
+"""BLASST prefill in Gluon for Hopper (sm_90): warp-specialised, FA3-style.
 
 One CTA owns 128 query rows of one query head of one sequence, split in two 64-row halves, each
 owned by its own consumer warpgroup; a one-warp producer streams K and V tiles with TMA:
@@ -22,10 +22,11 @@ TMA zero fill past the tensor end. Rows of ``v`` past ``qo_indptr[-1]`` (padding
 leave uninitialised) would meet ``p = 0`` in ``P·V`` (``0·NaN = NaN``): with ``ZERO_TAIL_V``
 the consumers zero the rows past the sequence end of the tile that holds the sequence's last key.
 
-Status: GPU-verified on an H100 (protocol of commit 779b348: 12/12 checks exact); the V_EARLY /
-KV_BAR / VOTE / SPEC switches compile for sm_90 without spills (``gluon_compile_report.py``) and are
-timed side by side by ``benchmarks/experiments/gluon_prefill_check.py``. Launch defaults per mode:
-:data:`DENSE_DEFAULTS`, :data:`SKIP_DEFAULTS`.
+:func:`blasst_kernels.extend_attention` runs this kernel where it applies (see
+:class:`blasst_kernels.KernelOptions`); every switch is checked against the reference and timed on
+an H100 by ``benchmarks/experiments/gluon_prefill_check.py`` (all pass), and compiled for sm_90 by
+``gluon_compile_report.py`` (no spills). Launch defaults per mode: :data:`DENSE_DEFAULTS`,
+:data:`SKIP_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -495,13 +496,13 @@ def make_descriptors(q, k, v, block_n: int):
     return desc(q, HALF_M), desc(k, block_n), desc(v, block_n)
 
 
-# Launch defaults per mode, measured on an H100 (16K tokens, GQA 32/8, d=128, bf16 causal):
-# dense s3 + overlap 618 TF/s; skip mode s2 plain 528 / 735 / 820 TF/s at ~0 / 68 / 88 % skipped
-# (benchmarks/results/experiments/gluon_H100/gluon_quick.txt). The V_EARLY / KV_BAR / VOTE / SPEC
-# switches are candidates timed by benchmarks/experiments/gluon_prefill_check.py; they become
-# defaults only once measured.
-DENSE_DEFAULTS = dict(num_stages=3, overlap=True, v_early=False, kv_bar=False, vote=0, spec=False)
-SKIP_DEFAULTS = dict(num_stages=2, overlap=False, v_early=False, kv_bar=False, vote=0, spec=False)
+# Launch defaults per mode, measured on an H100 (16K tokens, GQA 32/8, d=128, bf16 causal;
+# benchmarks/results/experiments/gluon_H100/gluon_v2.txt): overlap + V issued early + per-warp vote
+# ("e2+ov"), dense 623 TF/s; skip mode 538 / 750 / 829 TF/s at ~0 / 68 / 88 % skipped. With SPEC
+# (exps before the vote is read) skip mode costs nothing when nothing is skipped (618) but gains
+# less when much is (659 at 68 %); without overlap it is best at 88 % (865).
+DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False)
+SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False)
 _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "zero_tail_v", "consumer_regs",
                 "producer_regs", "maxnreg")
 
@@ -522,8 +523,9 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     """Ragged causal BLASST prefill (no cached prefix) on Hopper, warp-specialised Gluon kernel.
 
     Args:
-        q: ``(T, Hq, D)`` bf16/fp16, contiguous; ``D`` in (64, 128).
-        k, v: ``(T, Hkv, D)`` same dtype, contiguous; ``Hq % Hkv == 0``.
+        q: ``(T, Hq, D)`` bf16/fp16, heads packed (``stride(1) == D``, unit last stride), 16-byte
+            aligned base and token stride; ``D`` in (64, 128).
+        k, v: ``(T, Hkv, D)`` same dtype and layout rules; ``Hq % Hkv == 0``.
         out: ``(T, Hq, D)`` output, same dtype (rows of every sequence are written; nothing else).
         qo_indptr: ``(B + 1,)`` int32/int64 CUDA: sequence ``b`` is rows ``qo_indptr[b]:qo_indptr[b+1]``.
         scale: ``None`` (dense) or float32 ``(Hq,)`` CUDA threshold scale factor per query head:
@@ -547,7 +549,10 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     assert q.dtype in _GL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and out.dtype == q.dtype
     assert d in (64, 128) and k.shape == (T, hkv, d) and v.shape == (T, hkv, d) and out.shape == q.shape
     assert hq % hkv == 0 and block_n in (64, 128)
-    assert all(x.is_contiguous() for x in (q, k, v, out))
+    # TMA reads q/k/v as (tokens, heads * D) matrices: heads packed, rows and base 16-byte aligned
+    # (views into a fused qkv projection qualify); out is written through its strides.
+    assert all(x.stride(2) == 1 and x.stride(1) == d and not (x.stride(0) * x.element_size()) % 16
+               and not x.data_ptr() % 16 for x in (q, k, v))
     batch = qo_indptr.shape[0] - 1
     if batch == 0 or max_extend_len <= 0:
         return

@@ -119,7 +119,6 @@ def extend_fwd_kernel(
     CAUSAL: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
     TMA: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N")
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -165,10 +164,10 @@ def extend_fwd_kernel(
             0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
             BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP, False,
         )
-    # Stage 2: new tokens left of the diagonal (all of them when not causal).
+    # Stage 2: new tokens in whole tiles left of the block's first row (all of them when not causal).
     K_seg = K_ext + q_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     V_seg = V_ext + q_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    off_hi = pid_m * BLOCK_M if CAUSAL else ext_len
+    off_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N if CAUSAL else ext_len
     acc, l_i, m_i, n_skip = _attn_tiles(
         acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
         K_seg, V_seg, stride_kt, stride_vt, kv_indices,
@@ -176,10 +175,10 @@ def extend_fwd_kernel(
         0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
         BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA,
     )
-    # Stage 3: the diagonal tiles, masked and never skipped.
+    # Stage 3: the diagonal tiles up to the block's last row, masked and never skipped.
     diag_hi = off_hi
     if CAUSAL:
-        diag_hi = tl.minimum(off_hi + BLOCK_M, ext_len)
+        diag_hi = tl.minimum((pid_m + 1) * BLOCK_M, ext_len)
         acc, l_i, m_i, n_skip = _attn_tiles(
             acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
             K_seg, V_seg, stride_kt, stride_vt, kv_indices,

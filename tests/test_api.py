@@ -53,8 +53,8 @@ def test_bad_threshold_and_options():
         prefill_attention(q, k, v, CU, threshold_scale_factor=[1.0, 2.0])
     with pytest.raises(ValueError, match="power of two"):
         KernelOptions(48, 16)
-    with pytest.raises(ValueError, match="multiple of block_n"):
-        prefill_attention(q, k, v, CU, options=KernelOptions(16, 32))
+    with pytest.raises(ValueError, match="kernel must be"):
+        KernelOptions(64, 64, kernel="gluon")
 
 
 def test_decode_bad_inputs():

@@ -57,6 +57,16 @@ def test_extend_matches_reference(dk, dv, group, rng):
     check_extend(batch, hq, 0.5, opts, dtype=dtype)
 
 
+@pytest.mark.parametrize("dk,dv", [(64, 64), (128, 128)])
+def test_extend_tiles_taller_than_wide(dk, dv, rng):
+    """block_m < block_n (the Hopper kernel's 64 x 128 decisions): a block's diagonal tile starts
+    before its first row, and the tile left of it must not see keys past that row."""
+    prefix = [random.randint(0, 70), 0, random.randint(1, 40)]
+    ext = [random.randint(33, 90), random.randint(1, 90), 64]
+    batch = make_batch(prefix, ext, 8, 2, dk, dv, 16, torch.float32, rng)
+    check_extend(batch, 8, 0.5, KernelOptions(16, 32))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (64, 32)])
 def test_extend_blocks_and_causality(causal, blocks, rng):
