@@ -156,17 +156,31 @@ def _vote_get(vote_buf):
 
 
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam, qk_scale, vote_buf,
+def _update(qk, m_i, l_i, m_ij, p_like, dtype: gl.constexpr):
+    """Online-softmax update of one (scaled, masked) score tile: ``m_new, alpha, l_new, p`` with ``p``
+    in ``p_like``'s layout (the P·V A operand)."""
+    m_new = gl.maximum(m_i, m_ij)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(qk - m_new[:, None])
+    l_new = l_i * alpha + gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_like.type.layout)
+    return m_new, alpha, l_new, p_op
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam, qk_scale, vote_buf, spec_now,
                   dtype: gl.constexpr, DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr,
                   SPEC: gl.constexpr):
     """Scale and mask one score tile, decide, and (kept tiles only) compute its online-softmax update.
 
     Returns ``keep, m_new, alpha, l_new, p`` (``p`` in ``p_skip``'s layout, the P·V A operand). The
-    caller applies them only when ``keep``. Without ``SPEC`` a skipped tile does no exp (and returns
-    the state unchanged); with ``SPEC`` the update is computed before the decision is read, so the
-    decision's barrier overlaps the exps (kept tiles pay nothing, skipped ones pay the exps).
-    ``VOTE`` 0: the 64-row OR is ``gl.max`` (shared memory and two named barriers); 1: per-warp
-    shuffles, one word per warp through ``vote_buf`` and one named barrier."""
+    caller applies them only when ``keep``. ``SPEC`` 0: a skipped tile does no exp (and returns the
+    state unchanged); 1: the update is computed before the decision is read, so the decision's
+    barrier overlaps the exps (kept tiles pay nothing, skipped ones pay the exps); 2 (adaptive): as
+    1 when the runtime, warpgroup-uniform ``spec_now`` is true (the caller passes "the previous
+    decision was keep"), as 0 otherwise. ``VOTE`` 0: the 64-row OR is ``gl.max`` (shared memory
+    and two named barriers); 1: per-warp shuffles, one word per warp through ``vote_buf`` and one
+    named barrier."""
     BLOCK_N: gl.constexpr = qk.shape[1]
     qk = qk * qk_scale
     if DIAGONAL:
@@ -184,24 +198,31 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam
             _vote_post(matters, vote_buf)
         else:
             keep = gl.max(matters.to(gl.int32), 0) > 0
-    if SPEC or not DECIDE:
-        m_new = gl.maximum(m_i, m_ij)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(qk - m_new[:, None])
-        l_new = l_i * alpha + gl.sum(p, 1)
-        p_op = gl.convert_layout(p.to(dtype), p_skip.type.layout)
+    if SPEC == 1 or not DECIDE:
+        m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
         if DECIDE:
             if VOTE == 1:
                 keep = _vote_get(vote_buf)
+    elif SPEC == 2:
+        if spec_now:  # the previous tile was kept: this one likely is too, exps first
+            m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
+            if VOTE == 1:
+                keep = _vote_get(vote_buf)
+        else:  # the previous tile was skipped: decide first
+            if VOTE == 1:
+                keep = _vote_get(vote_buf)
+            if keep:
+                m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
+            else:
+                m_new = m_i
+                alpha = gl.full_like(m_i, 1.0)
+                l_new = l_i
+                p_op = p_skip
     else:
         if VOTE == 1:
             keep = _vote_get(vote_buf)
         if keep:
-            m_new = gl.maximum(m_i, m_ij)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(qk - m_new[:, None])
-            l_new = l_i * alpha + gl.sum(p, 1)
-            p_op = gl.convert_layout(p.to(dtype), p_skip.type.layout)
+            m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
         else:
             m_new = m_i
             alpha = gl.full_like(m_i, 1.0)
@@ -227,6 +248,7 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
     row_ok = rows < seq_len
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     p_zero = gl.zeros([HALF, BLOCK_N], v_smem.dtype, p_layout)
+    spec_now = gl.to_tensor(True)  # SPEC == 2: speculate on the first tile, then while tiles are kept
     for j in range(lo, hi):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
@@ -235,8 +257,10 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
         qk = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=[qk])
         keep, m_new, alpha, l_new, p_op = _softmax_step(qk, m_i, l_i, p_zero, rows, row_ok, k_start, seq_len,
-                                                        log2_lam, qk_scale, vote_buf, v_smem.dtype, DIAGONAL, SKIP,
-                                                        VOTE, SPEC)
+                                                        log2_lam, qk_scale, vote_buf, spec_now, v_smem.dtype,
+                                                        DIAGONAL, SKIP, VOTE, SPEC)
+        if SPEC == 2 and SKIP and not DIAGONAL:
+            spec_now = keep
         if keep:
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * alpha_o[:, None]
@@ -278,6 +302,10 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
     rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     row_ok = rows < seq_len
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    # SPEC == 2 (adaptive): a pending P·V means the previous tile was kept, so that branch
+    # speculates (SPEC 1) at compile time; without one the previous tile was skipped (decide first),
+    # unless this is the loop's first tile (speculate: with m = -inf it is always kept).
+    SPEC_PV: gl.constexpr = 1 if SPEC == 2 else SPEC
     for j in range(lo, hi):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
@@ -290,8 +318,8 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
             acc_tok = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=[qk_tok])
             keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
-                                                             log2_lam, qk_scale, vote_buf, v_smem.dtype, DIAGONAL,
-                                                             SKIP, VOTE, SPEC)
+                                                             log2_lam, qk_scale, vote_buf, True, v_smem.dtype,
+                                                             DIAGONAL, SKIP, VOTE, SPEC_PV)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             mbarrier.arrive(empty_k.index(s))
             mbarrier.arrive(empty_v.index(sp))
@@ -299,8 +327,8 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
             qk = warpgroup_mma_wait(0, deps=[qk_tok])
             mbarrier.arrive(empty_k.index(s))
             keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
-                                                             log2_lam, qk_scale, vote_buf, v_smem.dtype, DIAGONAL,
-                                                             SKIP, VOTE, SPEC)
+                                                             log2_lam, qk_scale, vote_buf, j == lo, v_smem.dtype,
+                                                             DIAGONAL, SKIP, VOTE, SPEC)
         if keep:
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * alpha_o[:, None]
@@ -500,7 +528,8 @@ def make_descriptors(q, k, v, block_n: int):
 # benchmarks/results/experiments/gluon_H100/gluon_v2.txt): overlap + V issued early + per-warp vote
 # ("e2+ov"), dense 623 TF/s; skip mode 538 / 750 / 829 TF/s at ~0 / 68 / 88 % skipped. With SPEC
 # (exps before the vote is read) skip mode costs nothing when nothing is skipped (618) but gains
-# less when much is (659 at 68 %); without overlap it is best at 88 % (865).
+# less when much is (659 at 68 %); without overlap it is best at 88 % (865). spec=2 (adaptive:
+# speculate only after a kept tile; skipped tiles come in runs) is meant to get both; not yet timed.
 DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False)
 SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False)
 _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "zero_tail_v", "consumer_regs",
@@ -540,7 +569,9 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
             none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
             ``v_early`` (producer issues V_j right after K_j), ``kv_bar`` (one empty barrier per stage
             for K and V; plain loop only), ``vote`` (0: ``gl.max`` decision, 1: per-warp vote through
-            shared memory, one named barrier), ``spec`` (exps before the decision is read),
+            shared memory, one named barrier), ``spec`` (0/False: decide, then exps of kept tiles
+            only; 1/True: exps before the decision is read; 2: adaptive, exps first only while the
+            warpgroup's previous decision was "keep", the first tile included),
             ``zero_tail_v`` (zero V rows past the sequence end of its last tile, see module doc),
             ``consumer_regs`` / ``producer_regs`` / ``maxnreg`` (register split and launch limit).
     """

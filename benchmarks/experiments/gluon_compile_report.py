@@ -43,16 +43,19 @@ def load_kernel_module():
 # name -> launcher tuning (see gluon_prefill.launch_config); shared with gluon_prefill_check.py.
 # "s*": the first measured protocol; "e*": V issued right after K, one K+V empty barrier per stage
 # (plain loop), per-warp vote (one named barrier); "+ov": FA3 intra-warpgroup overlap; "s" suffix on
-# e-variants: exps computed before the decision is read (speculative softmax).
+# e-variants: exps computed before the decision is read (speculative softmax); "a" suffix: adaptive
+# speculation (spec=2: exps first only while the warpgroup's previous decision was "keep").
 VARIANTS = {
     "s2": dict(num_stages=2, overlap=False),
     "s3+ov": dict(num_stages=3, overlap=True),
     "e2": dict(num_stages=2, overlap=False, v_early=True, kv_bar=True, vote=1),
     "e2s": dict(num_stages=2, overlap=False, v_early=True, kv_bar=True, vote=1, spec=True),
+    "e2a": dict(num_stages=2, overlap=False, v_early=True, kv_bar=True, vote=1, spec=2),
     "e3": dict(num_stages=3, overlap=False, v_early=True, kv_bar=True, vote=1),
     "e2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1),
     "e3+ov": dict(num_stages=3, overlap=True, v_early=True, vote=1),
     "e2s+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=True),
+    "e2a+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=2),
 }
 
 

@@ -8,13 +8,14 @@
    reported). One case pads k/v/q past the last sequence with NaN (the V-tail zeroing).
 2. Speed (``triton.testing.do_bench`` median, 3 input sets rotated): 16K and 32K tokens, batch 1,
    Hq=32, Hkv=8, d=128 bf16 causal: gluon dense and at ~0/70/90 % skipped (factors bisected on the
-   gluon kernel's own counters), our Triton kernel at the same factors, cuDNN SDPA (and FlashInfer
-   fa3 / FA2 SDPA when they import).
+   gluon kernel's own counters), our Triton kernel (``kernel="triton"``, the API's default tiles) at
+   the same factors, cuDNN SDPA (and FlashInfer fa3 / FA2 SDPA when they import).
 
 3. d=64 on 64-key tiles (``--d64-variants``, default the module defaults): correctness (ragged,
    NaN padding, GQA 3/8, bf16/fp16) and 16K timing at SmolLM2's 9/3 heads and at 32/8.
 
-Variants (``--variants``): ``gluon_compile_report.VARIANTS`` plus ``default`` (no tuning passed).
+Variants (``--variants``): ``gluon_compile_report.VARIANTS`` plus ``default`` (no tuning passed);
+e.g. ``e2+ov`` / ``e2s+ov`` / ``e2a+ov`` time spec=0/1/2 (adaptive) of the overlap loop side by side.
 Every variant is checked for correctness before any timing.
 
     python3 benchmarks/experiments/gluon_prefill_check.py [--quick] [--no-bench] [--compile-only]
@@ -29,6 +30,7 @@ Writes ``$OUT/gluon_prefill_check.json`` (OUT defaults to ./out); prints one tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -262,9 +264,15 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
         q, k, v, cu = sets[i]
         return lambda: run_gluon(gp, torch, q, k, v, cu, L, factor, var, stats=stats, out=outs[i], block_n=block_n)
 
+    # The Triton kernel on the API's default tiles for this head dim (d=128: 64x128, 4 warps, 2
+    # stages; d=64: 64x64, 3 stages): kernel="triton", else extend_attention dispatches d=128 to the
+    # Gluon kernel on sm_90.
+    triton_opts = dataclasses.replace(bk.default_options(d, d, "prefill"), kernel="triton")
+
     def triton_fn(factor, i, stats=None):
         q, k, v, cu = sets[i]
-        return lambda: bk.prefill_attention(q, k, v, cu, max_seqlen=L, threshold_scale_factor=factor, stats=stats, out=outs[i])
+        return lambda: bk.prefill_attention(q, k, v, cu, max_seqlen=L, threshold_scale_factor=factor, stats=stats,
+                                            out=outs[i], options=triton_opts)
 
     probe = None
     for var in variants:
