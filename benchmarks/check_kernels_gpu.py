@@ -100,28 +100,31 @@ def check_padding(dk, dv, group, dtype, gen):
     return {"rel_err": worst, "ok": worst < TOL[dtype]}
 
 
-def check_no_prefix(dk, dv, group, dtype, gen):
-    """Ragged causal prefill with no cached prefix and skipping, as SGLang's first extend sends it (on
-    an H100 at d=128 this is the Gluon kernel, which records no skip map): output against the
-    reference, visited tiles exact, skipped tiles exact up to decisions within rounding."""
+def check_counters(dk, dv, group, dtype, gen, with_prefix):
+    """Ragged causal extend with skipping and no skip map, as SGLang sends it (on an H100 at d=128
+    this is the Gluon kernel, which records no map): output against the reference, visited tiles
+    exact, skipped tiles exact up to decisions within rounding. Without a prefix, as a first chunk;
+    with one (paged, page 16), as a later chunk or a radix-cache hit."""
     hkv = 2
     hq = hkv * group
-    lens = [random.randint(1, 900), 1000, 77, 129, 33]  # 33 < factor: λ >= 1, that sequence is dense
-    batch = to_cuda(make_batch([0] * len(lens), lens, hq, hkv, dk, dv, 1, dtype, gen, sink_every=300))
+    lens = [random.randint(1, 900), 1000, 77, 129, 33]  # 33 + prefix < factor: λ >= 1, that sequence is dense
+    prefix = [random.randint(1, 700), 0, 300, 128, 0] if with_prefix else [0] * len(lens)
+    batch = to_cuda(make_batch(prefix, lens, hq, hkv, dk, dv, 16, dtype, gen, sink_every=300))
     # As SGLang passes them: views into one fused qkv tensor (token stride (Hq + 2 Hkv) * D).
     fused = torch.cat([batch.q, batch.k, batch.v], dim=1)
     q, k, v = fused[:, :hq], fused[:, hq : hq + hkv], fused[:, hq + hkv :]
     factor = 50.0
     stats = torch.zeros(hq, 2, dtype=torch.int32, device="cuda")
     out = torch.full((batch.q.shape[0], hq, dv), float("nan"), dtype=dtype, device="cuda")
-    out = prefill_attention(q, k, v, batch.qo_indptr, max_seqlen=max(lens),
-                            threshold_scale_factor=factor, stats=stats, out=out)
+    out = extend_attention(q, k, v, batch.k_buffer, batch.v_buffer, batch.qo_indptr, batch.kv_indptr,
+                           batch.kv_indices, max_extend_len=max(lens), threshold_scale_factor=factor, stats=stats,
+                           out=out)
     opts = default_options(dk, dv, "prefill")
     worst, visited, skipped, near = 0.0, 0, 0, 0
-    for b, n in enumerate(lens):
+    for b, (p, n) in enumerate(zip(prefix, lens)):
         q, k, v = batch.sequence(b)
-        ref = prefill_reference(q, k, v, log_lam=log_lambda(factor, [n], hq)[0], block_m=opts.block_m,
-                                block_n=opts.block_n, compute_dtype=torch.float32)
+        ref = prefill_reference(q, k, v, prefix_len=p, log_lam=log_lambda(factor, [p + n], hq)[0],
+                                block_m=opts.block_m, block_n=opts.block_n, compute_dtype=torch.float32)
         sl = slice(int(batch.qo_indptr[b]), int(batch.qo_indptr[b + 1]))
         worst = max(worst, rel(out[sl], ref.out))
         visited += int((ref.tile_state != TileState.UNVISITED).sum())
@@ -172,11 +175,13 @@ def main():
     for dk, dv in SUPPORTED_HEAD_DIMS:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for group in (1, 4, 8):
-                for phase, fn in (("extend", check_extend), ("no-prefix", check_no_prefix), ("padding", check_padding),
-                                  ("decode", check_decode)):
+                for phase, fn in (("extend", check_extend),
+                                  ("no-prefix", lambda *a: check_counters(*a, with_prefix=False)),
+                                  ("prefix", lambda *a: check_counters(*a, with_prefix=True)),
+                                  ("padding", check_padding), ("decode", check_decode)):
                     if phase == "decode" and (dk, dv) == (192, 128):
                         continue  # MLA decode uses the absorbed 576/512 form
-                    if phase in ("padding", "no-prefix") and dk != dv:
+                    if phase in ("padding", "no-prefix", "prefix") and dk != dv:
                         continue  # MLA prefill goes through extend_attention with a prefix
                     row = {"phase": phase, "dk": dk, "dv": dv, "dtype": str(dtype), "group": group}
                     try:

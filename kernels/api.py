@@ -48,7 +48,8 @@ class KernelOptions:
     ``block_m`` is ignored by decode (its rows are the heads of a KV group). ``kernel`` picks the
     prefill implementation: ``"auto"`` runs the warp-specialised Gluon kernel
     (:mod:`blasst_kernels.gluon_prefill`) where it applies — an sm_90 GPU, fp16/bf16, head dim 128,
-    64 x 128 tiles, causal, no cached prefix, no skip map — and the Triton kernel otherwise;
+    64 x 128 tiles, causal, no skip map (a paged prefix is gathered into a contiguous copy first)
+    — and the Triton kernel otherwise;
     ``"triton"`` always runs Triton. Both make the same decisions (same tiles, same rule), so
     ``num_warps``/``num_stages``, Triton's knobs, change speed only.
     """
@@ -265,13 +266,17 @@ def extend_attention(
         n_q = -(-int(ext.max()) // opts.block_m) if batch else 0
         n_t = int(((pre + opts.block_n - 1) // opts.block_n + (ext + opts.block_n - 1) // opts.block_n).max()) if batch else 0
         skip_map = torch.zeros(batch, num_heads, max(n_q, 1), max(n_t, 1), dtype=torch.int8, device=device)
-    if batch and max_extend_len > 0 and _gluon_applies(q, k, v, out, causal, kv_indices, opts, skip_map):
+    if batch and max_extend_len > 0 and _gluon_applies(q, k, v, out, causal, opts, skip_map):
         from .gluon_prefill import gluon_prefill
 
+        prefix = {}
+        if kv_indices.numel():  # TMA cannot gather pages: copy the prefixes out (a small fraction of the work)
+            prefix = dict(k_prefix=k_buffer.index_select(0, kv_indices), v_prefix=v_buffer.index_select(0, kv_indices),
+                          kv_indptr=kv_indptr)
         gluon_prefill(
             q, k, v, out, qo_indptr, scale, stats,
             sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), max_extend_len=int(max_extend_len),
-            block_n=opts.block_n,
+            block_n=opts.block_n, **prefix,
         )
     elif batch and max_extend_len > 0:
         launch_extend(
@@ -289,9 +294,9 @@ def extend_attention(
 _GLUON_SHAPES = ((128, 64, 128),)
 
 
-def _gluon_applies(q, k, v, out, causal, kv_indices, opts: KernelOptions, skip_map) -> bool:
+def _gluon_applies(q, k, v, out, causal, opts: KernelOptions, skip_map) -> bool:
     """Whether :func:`extend_attention` runs the Gluon Hopper kernel (see :class:`KernelOptions`)."""
-    if opts.kernel != "auto" or skip_map is not None or not causal or kv_indices.numel() or _interpreting():
+    if opts.kernel != "auto" or skip_map is not None or not causal or _interpreting():
         return False
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or v.shape[2] != q.shape[2]:
         return False

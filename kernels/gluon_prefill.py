@@ -59,15 +59,17 @@ def _log2_lambda(scale_ptr, head, seq_len):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
-              empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group,
+def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v,
+              empty_k0, empty_v0, empty_k1, empty_v1, q_start, seq_len, kv_start, pre_len, pid_m, head, kv_group,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
               V_EARLY: gl.constexpr, KV_BAR: gl.constexpr):
     """One warp: Q of both halves, then the K and V tiles through the two rings.
 
     Order: K_0, (K_1, V_0), (K_2, V_1), ... by default (with OVERLAP the consumers need
     ``Q K_{j+1}ᵀ`` before ``P_j V_j``); with ``V_EARLY`` K_0, V_0, K_1, V_1, ... (V_j has landed by
-    the time a consumer skips tile j and releases it). With ``KV_BAR`` one ``empty`` barrier per
+    the time a consumer skips tile j and releases it); with ``V_EARLY`` the ``cdiv(pre_len,
+    BLOCK_N)`` tiles of a cached prefix (``kp_desc``/``vp_desc`` rows from ``kv_start``) come
+    first, then the new tokens' tiles. With ``KV_BAR`` one ``empty`` barrier per
     consumer and stage covers K and V together (``empty_k*``; ``empty_v*`` unused).
 
     Protocol invariant: each consumer has its own ``empty`` barriers (count 1, one arrival per
@@ -81,20 +83,30 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, r
         tma.async_copy_global_to_shared(q_desc, [q_row + h * HALF, head * HEAD_D], q_bars.index(h), q_smem.index(h))
     kv_col = (head // kv_group) * HEAD_D
     n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1
+    n_pre = (pre_len + BLOCK_N - 1) // BLOCK_N
     if V_EARLY:
-        for i in range(n_tiles):
+        for i in range(n_pre + n_tiles):
             s = i % NUM_STAGES
             ph = (i // NUM_STAGES) & 1
-            row = q_start + i * BLOCK_N
             mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
             mbarrier.wait(empty_k1.index(s), ph ^ 1)
             mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row, kv_col], ready_k.index(s), k_smem.index(s))
+            if i < n_pre:
+                tma.async_copy_global_to_shared(kp_desc, [kv_start + i * BLOCK_N, kv_col], ready_k.index(s),
+                                                k_smem.index(s))
+            else:
+                tma.async_copy_global_to_shared(k_desc, [q_start + (i - n_pre) * BLOCK_N, kv_col], ready_k.index(s),
+                                                k_smem.index(s))
             if not KV_BAR:
                 mbarrier.wait(empty_v0.index(s), ph ^ 1)
                 mbarrier.wait(empty_v1.index(s), ph ^ 1)
             mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [row, kv_col], ready_v.index(s), v_smem.index(s))
+            if i < n_pre:
+                tma.async_copy_global_to_shared(vp_desc, [kv_start + i * BLOCK_N, kv_col], ready_v.index(s),
+                                                v_smem.index(s))
+            else:
+                tma.async_copy_global_to_shared(v_desc, [q_start + (i - n_pre) * BLOCK_N, kv_col], ready_v.index(s),
+                                                v_smem.index(s))
     else:
         for i in range(n_tiles + 1):
             if i < n_tiles:  # K_i
@@ -168,9 +180,9 @@ def _update(qk, m_i, l_i, m_ij, p_like, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam, qk_scale, vote_buf, spec_now,
+def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam, qk_scale, vote_buf, spec_now,
                   dtype: gl.constexpr, DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr,
-                  SPEC: gl.constexpr):
+                  SPEC: gl.constexpr, TAIL: gl.constexpr = False):
     """Scale and mask one score tile, decide, and (kept tiles only) compute its online-softmax update.
 
     Returns ``keep, m_new, alpha, l_new, p`` (``p`` in ``p_skip``'s layout, the P·V A operand). The
@@ -183,10 +195,15 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, seq_len, log2_lam
     named barrier."""
     BLOCK_N: gl.constexpr = qk.shape[1]
     qk = qk * qk_scale
+    # DIAGONAL: keys past the row (causal) or past key_len; TAIL: keys past key_len only (the last,
+    # partial tile of a cached prefix).
     if DIAGONAL:
         cols = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
-        visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < seq_len)
+        visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < key_len)
         qk = gl.where(visible, qk, float("-inf"))
+    elif TAIL:
+        cols = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
+        qk = gl.where((cols < key_len)[None, :], qk, float("-inf"))
     m_ij = gl.max(qk, 1)  # the one row max: the decision's m̃ and the softmax's new max
     DECIDE: gl.constexpr = SKIP and not DIAGONAL
     keep = True
@@ -293,8 +310,10 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
                    vote_buf, lo, hi, r0, seq_len, log2_lam, qk_scale,
                    s_layout: gl.constexpr, o_layout: gl.constexpr,
                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
-    """Key tiles ``[lo, hi)`` with FA3's intra-warpgroup overlap: ``S_j = Q K_jᵀ`` is issued, then
+                   DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr,
+                   g0, key_len, TAIL: gl.constexpr):
+    """Ring tiles ``[lo, hi)`` of one key segment (ring index ``j`` holds the segment's keys
+    ``[(j - g0) * BLOCK_N, ...)``, ``key_len`` of them) with FA3's intra-warpgroup overlap: ``S_j = Q K_jᵀ`` is issued, then
     the pending ``P_prev V_prev`` (tile ``j_prev``, if any kept tile is pending), and tile j's
     softmax runs while that P·V is in flight. A kept tile becomes the pending one; a skipped tile
     releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`)."""
@@ -309,7 +328,7 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
     for j in range(lo, hi):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
-        k_start = j * BLOCK_N
+        k_start = (j - g0) * BLOCK_N
         mbarrier.wait(ready_k.index(s), ph)
         qk_tok = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if j_prev >= 0:
@@ -317,18 +336,18 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
             mbarrier.wait(ready_v.index(sp), (j_prev // NUM_STAGES) & 1)
             acc_tok = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=[qk_tok])
-            keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
+            keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, key_len,
                                                              log2_lam, qk_scale, vote_buf, True, v_smem.dtype,
-                                                             DIAGONAL, SKIP, VOTE, SPEC_PV)
+                                                             DIAGONAL, SKIP, VOTE, SPEC_PV, TAIL)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             mbarrier.arrive(empty_k.index(s))
             mbarrier.arrive(empty_v.index(sp))
         else:
             qk = warpgroup_mma_wait(0, deps=[qk_tok])
             mbarrier.arrive(empty_k.index(s))
-            keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, seq_len,
+            keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, key_len,
                                                              log2_lam, qk_scale, vote_buf, j == lo, v_smem.dtype,
-                                                             DIAGONAL, SKIP, VOTE, SPEC)
+                                                             DIAGONAL, SKIP, VOTE, SPEC, TAIL)
         if keep:
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * alpha_o[:, None]
@@ -345,17 +364,18 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
 
 
 @gluon.jit
-def _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len,
+def _flush(acc, p_prev, j_prev, g0, v_smem, ready_v, empty_v, seq_len,
            BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, ZERO_TAIL_V: gl.constexpr):
-    """Issue and wait the pending P·V of :func:`_tiles_overlap` (the sequence's last tile may be it)."""
+    """Issue and wait the pending P·V of :func:`_tiles_overlap` (the sequence's last tile may be it;
+    ring index ``g0`` holds the first new-token tile)."""
     HEAD_D: gl.constexpr = acc.shape[1]
     if j_prev >= 0:
         sp = j_prev % NUM_STAGES
         v_tile = v_smem.index(sp)
         mbarrier.wait(ready_v.index(sp), (j_prev // NUM_STAGES) & 1)
         if ZERO_TAIL_V:
-            if (j_prev + 1) * BLOCK_N > seq_len:
-                _zero_v_tail(v_tile, seq_len - j_prev * BLOCK_N, BLOCK_N, HEAD_D)
+            if (j_prev - g0 + 1) * BLOCK_N > seq_len:
+                _zero_v_tail(v_tile, seq_len - (j_prev - g0) * BLOCK_N, BLOCK_N, HEAD_D)
         acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty_v.index(sp))
@@ -365,7 +385,7 @@ def _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len,
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem,
               out_ptr, scale_ptr, stats_ptr,
-              q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+              q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
               HALF_IDX: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
               SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
               KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
@@ -381,10 +401,17 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
     n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1  # tiles the producer loads
     n_vis = gl.where(last_row >= r0, last_row // BLOCK_N + 1, 0)
     n_full = gl.minimum((r0 + 1) // BLOCK_N, n_vis)  # tiles wholly left of the half's diagonal
+    # Cached prefix (OVERLAP only): ring tiles [0, n_pre) come before the new tokens' (whole tiles
+    # first, then the partial one); a half with no row visits none of them.
+    n_pre = (pre_len + BLOCK_N - 1) // BLOCK_N
+    has_rows = last_row >= r0
+    pre_hi = gl.where(has_rows, n_pre, 0)
+    pre_full = gl.minimum(pre_len // BLOCK_N, pre_hi)
+    done = gl.where(has_rows, n_pre + n_vis, 0)  # ring tiles this half consumes
 
     log2_lam = float("-inf")
     if SKIP:
-        log2_lam = _log2_lambda(scale_ptr, head, seq_len)
+        log2_lam = _log2_lambda(scale_ptr, head, pre_len + seq_len)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
@@ -399,13 +426,21 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
         j_prev = -1
         acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            vote_buf, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False,
-            SKIP, VOTE, SPEC)
+            vote_buf, 0, pre_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False,
+            SKIP, VOTE, SPEC, 0, pre_len, False)
         acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            vote_buf, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, True,
-            SKIP, VOTE, SPEC)
-        acc = _flush(acc, p_prev, j_prev, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES, ZERO_TAIL_V)
+            vote_buf, pre_full, pre_hi, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES,
+            False, SKIP, VOTE, SPEC, 0, pre_len, True)
+        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+            vote_buf, n_pre, n_pre + n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+            NUM_STAGES, False, SKIP, VOTE, SPEC, n_pre, seq_len, False)
+        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
+            vote_buf, n_pre + n_full, n_pre + n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+            NUM_STAGES, True, SKIP, VOTE, SPEC, n_pre, seq_len, False)
+        acc = _flush(acc, p_prev, j_prev, n_pre, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES, ZERO_TAIL_V)
     else:
         acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
                                        empty_v, vote_buf, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout,
@@ -414,7 +449,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
                                        empty_v, vote_buf, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout,
                                        o_layout, BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V, KV_BAR, VOTE, SPEC)
     # Tiles only the other half sees (BLOCK_N = 64, or this half has no row): release them.
-    for j in range(n_vis, n_tiles):
+    for j in range(done, n_pre + n_tiles):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
         mbarrier.wait(ready_k.index(s), ph)  # release only what landed (see _producer)
@@ -433,31 +468,32 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
         offs = (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
         gl.store(out_ptr + offs, out, mask=(rows < seq_len)[:, None])
         if COUNT:
-            gl.atomic_add(stats_ptr + head * 2, n_vis)
+            gl.atomic_add(stats_ptr + head * 2, n_pre + n_vis)
             gl.atomic_add(stats_ptr + head * 2 + 1, n_skip)
 
 
 @gluon.jit
 def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem,
                out_ptr, scale_ptr, stats_ptr,
-               q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+               q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
                KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
     _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem, out_ptr, scale_ptr,
-              stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
+              stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
               1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR, VOTE, SPEC)
 
 
 @gluon.jit
-def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, stats_ptr,
+def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_indptr, kv_indptr, scale_ptr, stats_ptr,
                          sm_scale, kv_group, stride_ot, stride_oh,
                          BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                          SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                          V_EARLY: gl.constexpr = False, KV_BAR: gl.constexpr = False, VOTE: gl.constexpr = 0,
-                         SPEC: gl.constexpr = False):
+                         SPEC: gl.constexpr = False, HAS_PREFIX: gl.constexpr = False):
     HALF: gl.constexpr = q_desc.block_type.shape[0]
+    gl.static_assert(not HAS_PREFIX or (OVERLAP and V_EARLY), "a cached prefix needs OVERLAP and V_EARLY")
     # The overlap loop releases K (after S = QKᵀ) and V (after P·V) at different times.
     KV_BAR_: gl.constexpr = KV_BAR and not OVERLAP
     # Longest CTAs first: program 0 takes the last 128 rows of the longest sequences.
@@ -466,6 +502,11 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, 
     seq = gl.program_id(2)
     q_start = gl.load(qo_indptr + seq).to(gl.int32)
     seq_len = gl.load(qo_indptr + seq + 1).to(gl.int32) - q_start
+    kv_start = 0
+    pre_len = 0
+    if HAS_PREFIX:  # the sequence's cached prefix: rows kv_indptr[seq]:kv_indptr[seq+1] of kp/vp
+        kv_start = gl.load(kv_indptr + seq).to(gl.int32)
+        pre_len = gl.load(kv_indptr + seq + 1).to(gl.int32) - kv_start
     if pid_m * (2 * HALF) < seq_len:
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
@@ -495,15 +536,15 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, qo_indptr, scale_ptr, 
 
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0, vote_smem,
-                         out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot, stride_oh,
-                         0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE, SPEC)),
+                         out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot,
+                         stride_oh, 0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE, SPEC)),
             (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k1, empty_v1, vote_smem,
-                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pid_m, head, sm_scale, stride_ot,
-                          stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE,
+                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale,
+                          stride_ot, stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE,
                           SPEC)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0,
-                         empty_k1, empty_v1, q_start, seq_len, pid_m, head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES,
-                         V_EARLY, KV_BAR_)),
+            (_producer, (q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v,
+                         empty_k0, empty_v0, empty_k1, empty_v1, q_start, seq_len, kv_start, pre_len, pid_m, head,
+                         kv_group, BLOCK_N, HEAD_D, NUM_STAGES, V_EARLY, KV_BAR_)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -548,8 +589,8 @@ def launch_config(skip: bool, **tuning) -> dict:
 
 
 def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, max_extend_len,
-                  block_n=128, **tuning):
-    """Ragged causal BLASST prefill (no cached prefix) on Hopper, warp-specialised Gluon kernel.
+                  block_n=128, k_prefix=None, v_prefix=None, kv_indptr=None, **tuning):
+    """Ragged causal BLASST prefill/extend on Hopper, warp-specialised Gluon kernel.
 
     Args:
         q: ``(T, Hq, D)`` bf16/fp16, heads packed (``stride(1) == D``, unit last stride), 16-byte
@@ -565,6 +606,9 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         sm_scale: softmax scale (``1/sqrt(D)`` usually).
         max_extend_len: the longest sequence (grid size; no device sync here).
         block_n: keys per tile (64 or 128).
+        k_prefix, v_prefix, kv_indptr: optional cached prefixes, gathered: ``(P, Hkv, D)`` contiguous
+            (rows ``kv_indptr[b]:kv_indptr[b+1]`` are sequence ``b``'s prefix, which new token ``i``
+            sees whole, before keys ``0..i`` of its own new tokens) and ``(B + 1,)`` int32/int64.
         tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` (callers normally pass
             none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
             ``v_early`` (producer issues V_j right after K_j), ``kv_bar`` (one empty barrier per stage
@@ -590,13 +634,21 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     skip = scale is not None
     cfg = launch_config(skip, **tuning)
     q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
+    has_prefix = k_prefix is not None and k_prefix.shape[0] > 0
+    if has_prefix:
+        assert cfg["overlap"] and cfg["v_early"], "a cached prefix needs overlap and v_early"
+        assert k_prefix.is_contiguous() and v_prefix.is_contiguous() and k_prefix.shape == v_prefix.shape
+        assert k_prefix.shape[1:] == (hkv, d) and kv_indptr is not None and kv_indptr.shape == qo_indptr.shape
+        _, kp_desc, vp_desc = make_descriptors(q, k_prefix, v_prefix, block_n)
+    else:
+        kp_desc, vp_desc, kv_indptr = k_desc, v_desc, qo_indptr  # never read
     grid = (triton.cdiv(max_extend_len, CTA_M), hq, batch)
     gluon_prefill_kernel[grid](
-        q_desc, k_desc, v_desc, out, qo_indptr,
+        q_desc, k_desc, v_desc, kp_desc, vp_desc, out, qo_indptr, kv_indptr,
         scale if skip else out, stats if stats is not None else out,
         float(sm_scale), hq // hkv, out.stride(0), out.stride(1),
         BLOCK_N=block_n, HEAD_D=d, NUM_STAGES=cfg["num_stages"], SKIP=skip, COUNT=stats is not None,
         ZERO_TAIL_V=cfg["zero_tail_v"], OVERLAP=cfg["overlap"], CONSUMER_REGS=cfg["consumer_regs"],
         PRODUCER_REGS=cfg["producer_regs"], V_EARLY=cfg["v_early"], KV_BAR=cfg["kv_bar"], VOTE=cfg["vote"],
-        SPEC=cfg["spec"], num_warps=4, maxnreg=cfg["maxnreg"],
+        SPEC=cfg["spec"], HAS_PREFIX=has_prefix, num_warps=4, maxnreg=cfg["maxnreg"],
     )

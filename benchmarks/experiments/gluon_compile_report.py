@@ -60,19 +60,21 @@ VARIANTS = {
 
 
 def compile_variant(gp, *, skip, num_stages=2, overlap=False, v_early=False, kv_bar=False, vote=0, spec=False,
-                    bn=128, d=128, count=False, dtype="bf16", consumer_regs=240, producer_regs=24, maxnreg=168):
+                    bn=128, d=128, count=False, dtype="bf16", consumer_regs=240, producer_regs=24, maxnreg=168,
+                    prefix=False):
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
         return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
 
-    sig = {"q_desc": desc(gp.HALF_M), "k_desc": desc(bn), "v_desc": desc(bn), "out_ptr": f"*{dtype}",
-           "qo_indptr": "*i32", "scale_ptr": "*fp32", "stats_ptr": "*i32", "sm_scale": "fp32",
+    sig = {"q_desc": desc(gp.HALF_M), "k_desc": desc(bn), "v_desc": desc(bn), "kp_desc": desc(bn), "vp_desc": desc(bn),
+           "out_ptr": f"*{dtype}", "qo_indptr": "*i32", "kv_indptr": "*i32", "scale_ptr": "*fp32", "stats_ptr": "*i32",
+           "sm_scale": "fp32",
            "kv_group": "i32", "stride_ot": "i32", "stride_oh": "i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, NUM_STAGES=num_stages, SKIP=skip, COUNT=count, ZERO_TAIL_V=True,
                   OVERLAP=overlap, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-                  V_EARLY=v_early, KV_BAR=kv_bar, VOTE=vote, SPEC=spec)
+                  V_EARLY=v_early, KV_BAR=kv_bar, VOTE=vote, SPEC=spec, HAS_PREFIX=prefix)
     for name in inspect.signature(gp.gluon_prefill_kernel.fn).parameters:
         sig.setdefault(name, "constexpr")
     src = GluonASTSource(gp.gluon_prefill_kernel, sig, constexprs=consts)
