@@ -25,18 +25,21 @@ a greedy walk along each unit's convex error-vs-sparsity curve — the Lagrangia
 above what the sweep reached is refused with the largest reachable sparsity
 (:class:`UnreachableTarget`).
 
-A unit of dropped mass does not cost every layer alike at the output, so each layer's error is
-weighted by its measured sensitivity (:func:`layer_sensitivity`): the KL of the final logits when
-only that layer runs BLASST, per unit of its skipped mass, measured at a factor where its mass is
-near :data:`SENSITIVITY_MASS` (one dense pass and one pass per layer on one essay window). The
-weights are measured in prefill and serve both phases.
+A unit of dropped mass does not cost every layer alike at the output, nor every amount alike, so
+each layer's KL curve is measured (:func:`layer_sensitivity`): the KL of the final logits when only
+that layer runs BLASST, at the factors where its mass is near each of :data:`SENSITIVITY_MASSES`
+(one dense pass, then passes from that layer on, on one essay window). The allocation then
+minimises the KL the curves predict, layers adding up (:func:`layer_kl_curve`). The curves are
+measured in prefill and serve both phases. (Version 3 files weighted each layer's mass linearly
+by its KL per unit of mass at :data:`SENSITIVITY_MASS`; they still load and allocate so.)
 
 Every length is swept at the same factors (``λ = factor / L``, dense where ``λ ≥ 1``), so that the
 curves of the lengths add up.
 
 The result is a versioned JSON file (:meth:`Calibration.save`, :func:`load_calibration`); version 1
 files (no error curves) still load, without the budget granularities; version 2 files (error curves,
-no layer weights) still load and allocate by the unweighted mass.
+no layer weights) still load and allocate by the unweighted mass; version 3 files (layer weights,
+no layer curves) by the weighted mass.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ __all__ = [
     "calibration_windows",
     "fit_exponential",
     "fit_phase",
+    "layer_kl_curve",
     "layer_sensitivity",
     "load_calibration",
     "load_model",
@@ -77,10 +81,10 @@ __all__ = [
 ]
 
 FORMAT = "blasst-calibration"
-VERSION = 3
+VERSION = 4
 #: Versions :func:`load_calibration` reads (version 1 has no error curves, so no budget granularities;
-#: version 2 has no layer weights).
-READABLE_VERSIONS = (1, 2, 3)
+#: version 2 has no layer weights, version 3 no layer KL curves).
+READABLE_VERSIONS = (1, 2, 3, 4)
 PHASES = ("prefill", "decode")
 GRANULARITIES = ("uniform", "layer", "head", "layer-budget", "head-budget")
 #: The granularities that allocate a sparsity budget by the error proxy (need :class:`BudgetCurves`).
@@ -91,6 +95,10 @@ ERROR_PROXY = "mean over query rows of the dense softmax mass in skipped tiles"
 LAYER_WEIGHT = "KL(dense || blasst) of the final logits per unit of error proxy, only that layer sparse"
 #: :func:`layer_sensitivity` measures each layer at the grid factor whose skipped mass is nearest this.
 SENSITIVITY_MASS = 1e-2
+#: ... and at those nearest these: the points of each layer's KL curve (:func:`layer_kl_curve`).
+SENSITIVITY_MASSES = (3e-3, 1e-2, 3e-2, 1e-1)
+#: What :attr:`BudgetCurves.layer_curve_kl` measures (written to the JSON for readers).
+LAYER_CURVE = "KL(dense || blasst) of the final logits with only that layer sparse, at the layer's mean skipped mass per row"
 #: Points outside this sparsity range are dropped before fitting (the law bends at both ends).
 SPARSITY_RANGE = (0.10, 0.90)
 #: A layer or head needs this many usable points for a law of its own (else it inherits one).
@@ -324,6 +332,10 @@ class BudgetCurves:
             group size for decode).
         layer_weight: ``(num_layers,)`` float64 sensitivity of each layer (:data:`LAYER_WEIGHT`,
             see :func:`layer_sensitivity`) the allocation multiplies its error by; ``None``: all alike.
+        layer_curve_mass, layer_curve_kl: ``(num_layers, P)`` float64 points of each layer's KL
+            curve (:data:`LAYER_CURVE`; points with mass or KL 0 are unused). When present the
+            allocation minimises the predicted KL (:func:`layer_kl_curve` of each head's mass, layers
+            adding up) instead of the weighted mass.
     """
 
     factors: torch.Tensor
@@ -331,6 +343,8 @@ class BudgetCurves:
     error: torch.Tensor
     group: int = 1
     layer_weight: Optional[torch.Tensor] = None
+    layer_curve_mass: Optional[torch.Tensor] = None
+    layer_curve_kl: Optional[torch.Tensor] = None
 
     @classmethod
     def from_counts(cls, counts: "TileCounts", group: int) -> "BudgetCurves":
@@ -343,15 +357,32 @@ class BudgetCurves:
     def __eq__(self, other) -> bool:
         if not isinstance(other, BudgetCurves) or self.group != other.group:
             return False
-        if (self.layer_weight is None) != (other.layer_weight is None):
+        optional = ("layer_weight", "layer_curve_mass", "layer_curve_kl")
+        if any((getattr(self, n) is None) != (getattr(other, n) is None) for n in optional):
             return False
-        names = ("factors", "sparsity", "error") + (() if self.layer_weight is None else ("layer_weight",))
+        names = ("factors", "sparsity", "error") + tuple(n for n in optional if getattr(self, n) is not None)
         return all(torch.equal(getattr(self, n), getattr(other, n)) for n in names)
+
+    @property
+    def has_curves(self) -> bool:
+        return self.layer_curve_mass is not None and self.layer_curve_kl is not None
+
+    def predicted_kl(self, mass: torch.Tensor) -> torch.Tensor:
+        """``(num_layers, ...)`` KL each layer would cause if all its heads dropped ``mass[l, ...]``
+        (:func:`layer_kl_curve` on the layer's curve)."""
+        return torch.stack([
+            layer_kl_curve(mass[layer], self.layer_curve_mass[layer], self.layer_curve_kl[layer]) for layer in range(mass.shape[0])
+        ])
 
     def allocation(self, target: float, granularity: str) -> Allocation:
         """Budget factors for ``target`` at ``"layer-budget"`` (one factor per layer) or
         ``"head-budget"`` (one per head; per KV group when ``group`` > 1); see :func:`allocate_budget`.
-        Each layer's error counts :attr:`layer_weight` times (when measured)."""
+        With layer curves, a layer's error is the KL its curve predicts: for one factor per layer,
+        at the layer's mean mass; per head, each head counts ``1 / num_heads`` of the KL its own
+        mass would cause as the whole layer's (equal to the layer's when the heads drop alike).
+        Otherwise each layer's error counts :attr:`layer_weight` times (when measured).
+        Either way :attr:`Allocation.error` is in the units of a layer's KL per head, so
+        ``error · num_layers`` is the predicted KL of the whole model (layers adding up)."""
         layers, heads, k = self.sparsity.shape
         if granularity == "layer-budget":
             per = heads
@@ -360,9 +391,14 @@ class BudgetCurves:
         else:
             raise ValueError(f"budget granularity must be one of {BUDGET_GRANULARITIES}, got {granularity!r}")
         # A unit of `per` heads: their mean sparsity, their summed (weighted) error.
-        error = self.error if self.layer_weight is None else self.error * self.layer_weight[:, None, None]
         sp = self.sparsity.reshape(-1, per, k).mean(1)
-        er = error.reshape(-1, per, k).sum(1)
+        if self.has_curves and granularity == "layer-budget":
+            er = self.predicted_kl(self.error.mean(1)) * heads  # (layers, k): a layer's KL, counted per head
+        elif self.has_curves:
+            er = self.predicted_kl(self.error).reshape(-1, per, k).sum(1)
+        else:
+            error = self.error if self.layer_weight is None else self.error * self.layer_weight[:, None, None]
+            er = error.reshape(-1, per, k).sum(1)
         chosen, sp_u, er_u = allocate_budget(self.factors, sp, er, target, granularity)
         table = chosen.repeat_interleave(per).view(layers, heads).float()
         return Allocation(table, float(sp_u.mean()), float(er_u.sum()) / (layers * heads))
@@ -377,11 +413,15 @@ class BudgetCurves:
         }
         if self.layer_weight is not None:
             out.update(layer_weight_meaning=LAYER_WEIGHT, layer_weight=self.layer_weight.tolist())
+        if self.has_curves:
+            out.update(layer_curve_meaning=LAYER_CURVE, layer_curve_mass=self.layer_curve_mass.tolist(),
+                       layer_curve_kl=self.layer_curve_kl.tolist())
         return out
 
     @classmethod
-    def from_json(cls, d, where: str, num_layers: int, num_heads: int, with_weights: bool = False) -> "BudgetCurves":
-        """Parse :meth:`to_json`'s layout; ``with_weights`` (version 3): ``layer_weight`` is required."""
+    def from_json(cls, d, where: str, num_layers: int, num_heads: int, with_weights: bool = False, with_curves: bool = False) -> "BudgetCurves":
+        """Parse :meth:`to_json`'s layout; ``with_weights`` (version 3+): ``layer_weight`` is required;
+        ``with_curves`` (version 4): ``layer_curve_mass`` and ``layer_curve_kl`` too."""
         if not isinstance(d, dict):
             raise ValueError(f"{where} must be an object with factors, sparsity, error, group")
         group = d.get("group")
@@ -413,7 +453,22 @@ class BudgetCurves:
                 raise ValueError(f"{where}.layer_weight must be a list of numbers ({exc})") from None
             if tuple(weight.shape) != (num_layers,) or not bool((weight >= 0).all()):
                 raise ValueError(f"{where}.layer_weight must be num_layers={num_layers} numbers >= 0, got shape {tuple(weight.shape)}")
-        return cls(factors, sparsity, error, group, weight)
+        curve = [None, None]
+        if with_curves:
+            for i, name in enumerate(("layer_curve_mass", "layer_curve_kl")):
+                if name not in d:
+                    raise ValueError(f"{where}: missing field {name!r} (version 4 files have layer KL curves)")
+                try:
+                    curve[i] = torch.tensor(d[name], dtype=torch.float64)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{where}.{name} must be num_layers lists of numbers of one length ({exc})") from None
+                if curve[i].dim() != 2 or curve[i].shape[0] != num_layers or curve[i].shape[1] == 0 or not bool((curve[i] >= 0).all()):
+                    raise ValueError(f"{where}.{name} must be num_layers={num_layers} equal-length lists of numbers >= 0, got shape {tuple(curve[i].shape)}")
+            if curve[0].shape != curve[1].shape:
+                raise ValueError(f"{where}: layer_curve_mass and layer_curve_kl differ in shape: {tuple(curve[0].shape)} vs {tuple(curve[1].shape)}")
+            if not bool(((curve[0] > 0) & (curve[1] > 0)).any(1).all()):
+                raise ValueError(f"{where}: every layer's curve needs a point with mass > 0 and KL > 0")
+        return cls(factors, sparsity, error, group, weight, curve[0], curve[1])
 
 
 @dataclass
@@ -571,13 +626,21 @@ class Calibration:
                 f"the model has {theirs}; calibrate this model with `blasst calibrate`"
             )
 
+    @property
+    def version(self) -> int:
+        """The file version this calibration is written as: 4 with layer KL curves in every phase,
+        3 with layer weights, 2 with error curves, else 1 (an older calibration keeps its version)."""
+        budgets = [ph.budget for ph in self.phases.values()]
+        if any(b is None for b in budgets):
+            return 1
+        if all(b.layer_weight is not None and b.has_curves for b in budgets):
+            return 4
+        return 3 if all(b.layer_weight is not None for b in budgets) else 2
+
     def to_json(self) -> dict:
         out = {
             "format": FORMAT,
-            # Version 3 promises layer-weighted error curves in every phase, version 2 error curves;
-            # an older calibration keeps its version.
-            "version": VERSION if all(ph.budget is not None and ph.budget.layer_weight is not None for ph in self.phases.values())
-            else 2 if all(ph.budget is not None for ph in self.phases.values()) else 1,
+            "version": self.version,
             "model": {
                 "id": self.model_id,
                 "num_layers": self.num_layers,
@@ -688,7 +751,7 @@ class Calibration:
             if version >= 2:
                 if "budget" not in ph:
                     raise ValueError(f"{where}: missing field 'budget' (version {version} files have error curves)")
-                budget = BudgetCurves.from_json(ph["budget"], f"{where}.budget", num_layers, num_heads, version >= 3)
+                budget = BudgetCurves.from_json(ph["budget"], f"{where}.budget", num_layers, num_heads, version >= 3, version >= 4)
             phases[name] = PhaseCalibration(
                 fit,
                 [ExpFit.from_json(f, f"{where}.layer_fits[{i}]") for i, f in enumerate(layer_fits)],
@@ -807,27 +870,107 @@ def model_shape(model) -> tuple:
     return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
 
 
+def _suffix_runner(model, ids: torch.Tensor, last_n: int):
+    """``(dense log-probs (last_n, vocab), run(first_layer) -> log-probs)``: ``run`` recomputes only
+    the decoder layers from ``first_layer`` on, from the dense pass's hidden states (whatever
+    attention the model is set to), so a pass with only layer ``l`` sparse costs the layers after
+    it. Falls back to whole passes for models without Llama's layout (``layers``, ``rotary_emb``,
+    ``norm``)."""
+    from .evaluate import next_token_logprobs
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = getattr(base, "layers", None)
+    if layers is None or head is None or not all(hasattr(base, n) for n in ("rotary_emb", "norm")):
+        return next_token_logprobs(model, ids, last_n), lambda first: next_token_logprobs(model, ids, last_n)
+    ids = ids.to(model.device)
+    inputs: Dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        dense = next_token_logprobs(model, ids, last_n)
+    finally:
+        for h in hooks:
+            h.remove()
+    position_ids = torch.arange(ids.shape[1], device=ids.device)[None]
+
+    def run(first: int) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = inputs[first]
+            rope = base.rotary_emb(hidden, position_ids=position_ids)
+            for layer in layers[first:]:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=position_ids, use_cache=False)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            logits = head(base.norm(hidden[:, -last_n:]))
+        return torch.log_softmax(logits[0].double(), dim=-1).cpu()
+
+    return dense, run
+
+
+def layer_kl_curve(mass: torch.Tensor, points_mass: torch.Tensor, points_kl: torch.Tensor) -> torch.Tensor:
+    """One layer's KL at skipped mass ``mass`` (any shape), interpolated from its measured points.
+
+    Between points: straight lines in log(mass)–log(KL), the points made non-decreasing first (a
+    noisy point below a smaller mass's KL is raised to it). Beyond them: a power law with the nearest
+    segment's exponent held to [1, 2] (exponent 1 with one point). ``mass <= 0`` costs 0. Points
+    with mass or KL ``<= 0`` are ignored; ``ValueError`` when none is left.
+    """
+    pm, pk = torch.as_tensor(points_mass, dtype=torch.float64), torch.as_tensor(points_kl, dtype=torch.float64)
+    keep = (pm > 0) & (pk > 0)
+    if not bool(keep.any()):
+        raise ValueError("a layer curve needs at least one point with mass > 0 and KL > 0")
+    pm, pk = pm[keep], pk[keep]
+    order = pm.argsort()
+    x, y = torch.log(pm[order]), torch.cummax(torch.log(pk[order]), 0).values
+    last = torch.cat([x.diff() > 1e-12, torch.tensor([True])])  # of equal masses, the last (largest KL)
+    x, y = x[last], y[last]
+    m = torch.as_tensor(mass, dtype=torch.float64)
+    lx = torch.log(m.clamp(min=1e-300))
+    if x.numel() == 1:
+        out = y[0] + (lx - x[0])
+    else:
+        slope = y.diff() / x.diff()  # (n-1,) >= 0
+        seg = (torch.searchsorted(x, lx.contiguous()) - 1).clamp(0, x.numel() - 2)
+        out = y[seg] + slope[seg] * (lx - x[seg])
+        low, high = slope[0].clamp(1, 2), slope[-1].clamp(1, 2)
+        out = torch.where(lx < x[0], y[0] + low * (lx - x[0]), out)
+        out = torch.where(lx > x[-1], y[-1] + high * (lx - x[-1]), out)
+    return torch.where(m > 0, torch.exp(out), torch.zeros_like(m))
+
+
 def layer_sensitivity(
     model, tokenizer, factors: torch.Tensor, *, length: int = 2048, block_m: int = 64, block_n: int = 64,
-    reference_mass: float = SENSITIVITY_MASS, progress: bool = True,
+    reference_mass: float = SENSITIVITY_MASS, curve_masses: Sequence[float] = SENSITIVITY_MASSES, progress: bool = True,
 ) -> Dict[str, torch.Tensor]:
-    """How much the final logits suffer per unit of skipped mass, layer by layer (prefill).
+    """How much the final logits suffer from skipped mass, layer by layer (prefill).
 
     On one ``length``-token essay window: a dense pass measures every layer's mean skipped mass per
-    query row (over heads and rows) at each of ``factors``; then, for each layer, one pass with only
-    that layer running BLASST at the factor whose mass is nearest ``reference_mass`` (in log) measures
-    ``KL(dense ‖ blasst)`` of the next-token distributions over the window's last quarter.
-    The weight is ``KL / mass``. A layer whose mass there is below ``reference_mass / 10`` (its
-    attention is too spread out to skip much at any factor) cannot be measured at a comparable mass
-    and gets the largest weight of the measured layers.
+    query row (over heads and rows) at each of ``factors``; then, for each layer and each of
+    ``curve_masses`` (and ``reference_mass``), one pass with only that layer running BLASST at the
+    grid factor whose mass is nearest (in log) measures ``KL(dense ‖ blasst)`` of the next-token
+    distributions over the window's last quarter: the layer's KL curve (:func:`layer_kl_curve`).
+    A point whose mass is below a third of what it aims at is not measured (the layer's attention is
+    too spread out to drop that much at any factor). Passes start at the sparse layer from the
+    dense pass's hidden states (:func:`_suffix_runner`).
+
+    The weight (version 3's linear sensitivity) is ``KL / mass`` at the point nearest
+    ``reference_mass``. A layer with no measured point gets the largest measured weight, and as its
+    curve the single point ``(reference_mass, weight · reference_mass)``.
 
     Returns:
-        ``{"weight", "kl", "mass", "factor"}``: ``(num_layers,)`` float64 tensors (``factor`` 0 and
-        ``kl`` NaN where not measured).
+        ``{"weight", "kl", "mass", "factor"}``: ``(num_layers,)`` float64 tensors at the reference
+        point (``factor`` 0 and ``kl`` NaN where not measured); ``{"curve_mass", "curve_kl",
+        "curve_factor"}``: ``(num_layers, P)`` float64, one column per distinct point aimed at
+        (``curve_masses`` and ``reference_mass``, sorted), unmeasured points 0.
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import kl_per_position, next_token_logprobs
+    from .evaluate import kl_per_position
     from .hf_attention import BlasstSettings, blasst_attention
 
     num_layers = model_shape(model)[0]
@@ -843,23 +986,46 @@ def layer_sensitivity(
         masses[layer] = mass.double().mean((1, 2)).cpu()
 
     with capture_qk(model, on_attention):
-        dense = next_token_logprobs(model, ids, last_n)
-    # Per layer: the factor whose mass is nearest the reference (in log), among factors that drop some.
-    distance = (torch.log(masses.clamp(min=1e-30)) - math.log(reference_mass)).abs().masked_fill(masses <= 0, math.inf)
-    pick = distance.argmin(1)
-    mass = masses.gather(1, pick[:, None])[:, 0]
-    measured = mass >= reference_mass / 10
-    if not bool(measured.any()):
-        raise ValueError(f"no layer drops {reference_mass / 10:g} of its softmax mass at any factor on {length} tokens; sweep larger factors")
-    kl = torch.full((num_layers,), math.nan, dtype=torch.float64)
-    for layer in tqdm(measured.nonzero()[:, 0].tolist(), desc="layer sensitivity", unit="layer", disable=not progress):
+        dense, run_from = _suffix_runner(model, ids, last_n)
+    aims = sorted({float(m) for m in curve_masses} | {float(reference_mass)})
+    log_masses = torch.log(masses.clamp(min=1e-30)).masked_fill(masses <= 0, math.inf)
+    # Per layer and aim: the grid factor whose mass is nearest (in log), if it drops a third of the aim.
+    pick = torch.stack([(log_masses - math.log(a)).abs().argmin(1) for a in aims], 1)  # (layers, P)
+    curve_mass = masses.gather(1, pick)
+    ok = curve_mass >= torch.tensor(aims, dtype=torch.float64)[None] / 3
+    if not bool(ok.any()):
+        raise ValueError(f"no layer drops {min(aims) / 3:g} of its softmax mass at any factor on {length} tokens; sweep larger factors")
+    curve_kl = torch.zeros_like(curve_mass)
+    jobs = sorted({(layer, int(pick[layer, j])) for layer, j in ok.nonzero().tolist()})
+    measured_kl = {}
+    for layer, index in tqdm(jobs, desc="layer sensitivity", unit="pass", disable=not progress):
         scale = [None] * num_layers
-        scale[layer] = float(factors[pick[layer]])
+        scale[layer] = float(factors[index])
         with blasst_attention(model, BlasstSettings(scale_factor=scale, block_m=block_m, block_n=block_n)):
-            kl[layer] = float(kl_per_position(dense, next_token_logprobs(model, ids, last_n)).mean())
+            kl = float(kl_per_position(dense, run_from(layer)).mean())
+        measured_kl[layer, index] = max(kl, 1e-12)  # a KL rounding to <= 0 is the floor of what we can see
+    for layer, j in ok.nonzero().tolist():
+        curve_kl[layer, j] = measured_kl[layer, int(pick[layer, j])]
+    ref = aims.index(float(reference_mass))
+    measured = ok[:, ref]
+    if not bool(measured.any()):  # weights need the reference point; take each layer's nearest measured one
+        measured = ok.any(1)
+        ref_cols = torch.where(ok, (torch.log(curve_mass.clamp(min=1e-30)) - math.log(reference_mass)).abs(), torch.tensor(math.inf)).argmin(1)
+    else:
+        ref_cols = torch.full((num_layers,), ref)
+    mass = curve_mass.gather(1, ref_cols[:, None])[:, 0]
+    kl = torch.where(measured, curve_kl.gather(1, ref_cols[:, None])[:, 0], torch.tensor(math.nan, dtype=torch.float64))
     weight = torch.where(measured, kl / mass, torch.tensor(math.nan, dtype=torch.float64))
     weight = weight.nan_to_num(nan=float(weight[measured].max())).clamp(min=0)
-    return {"weight": weight, "kl": kl, "mass": mass, "factor": torch.where(measured, factors[pick], torch.zeros_like(mass))}
+    factor = torch.where(measured, factors[pick.gather(1, ref_cols[:, None])[:, 0]], torch.zeros_like(mass))
+    curve_factor = torch.where(ok, factors[pick], torch.zeros_like(curve_mass))
+    curve_mass, curve_kl = curve_mass.masked_fill(~ok, 0.0), curve_kl.masked_fill(~ok, 0.0)
+    for layer in (~ok.any(1)).nonzero()[:, 0].tolist():  # no point at all: the largest weight, linear
+        curve_mass[layer, 0], curve_kl[layer, 0] = reference_mass, float(weight[layer]) * reference_mass
+    return {
+        "weight": weight, "kl": kl, "mass": torch.where(measured, mass, torch.zeros_like(mass)), "factor": factor,
+        "curve_mass": curve_mass, "curve_kl": curve_kl, "curve_factor": curve_factor,
+    }
 
 
 def calibrate(
@@ -878,6 +1044,7 @@ def calibrate(
     decode_splits: int = 1,
     decode_steps: int = 16,
     sensitivity_length: Optional[int] = 2048,
+    sensitivity_masses: Sequence[float] = SENSITIVITY_MASSES,
     model_id: Optional[str] = None,
     progress: bool = True,
 ) -> Calibration:
@@ -898,7 +1065,9 @@ def calibrate(
         block_m, block_n: prefill tile sizes; decode_block_n, decode_splits: decode's.
         decode_steps: the last positions of each window treated as decode steps.
         sensitivity_length: tokens of the window :func:`layer_sensitivity` measures the layer
-            weights of the budget allocation on (both phases); ``None``: no weights.
+            weights and KL curves of the budget allocation on (both phases); ``None``: neither.
+        sensitivity_masses: skipped masses at which each layer's KL curve is measured (besides
+            :data:`SENSITIVITY_MASS`).
         model_id: name recorded in the file (default: the model's ``name_or_path``).
         progress: show a tqdm bar.
 
@@ -963,11 +1132,13 @@ def calibrate(
         for p, a in acc.items()
     }
     if sensitivity_length:
-        weight = layer_sensitivity(
-            model, tokenizer, factors, length=sensitivity_length, block_m=block_m, block_n=block_n, progress=progress
-        )["weight"]
+        sens = layer_sensitivity(
+            model, tokenizer, factors, length=sensitivity_length, block_m=block_m, block_n=block_n,
+            curve_masses=sensitivity_masses, progress=progress,
+        )
         for ph in fitted.values():
-            ph.budget.layer_weight = weight
+            ph.budget.layer_weight = sens["weight"]
+            ph.budget.layer_curve_mass, ph.budget.layer_curve_kl = sens["curve_mass"], sens["curve_kl"]
     return Calibration(
         model_id or getattr(model.config, "name_or_path", "") or type(model).__name__,
         num_layers, num_heads, num_kv_heads, head_dim,
@@ -1050,8 +1221,10 @@ def _run_calibrate(args) -> int:
         except UnreachableTarget as exc:
             print(f"  head-budget: {exc}")
         else:
+            error = (f"predicted KL {alloc.error * calib.num_layers:.2e}" if ph.budget.has_curves
+                     else f"error proxy {alloc.error:.2e}")
             print(f"  head-budget: median factor {float(alloc.factors.median()):.4g}, predicted sparsity "
-                  f"{alloc.sparsity:.3f}, error proxy {alloc.error:.2e}")
+                  f"{alloc.sparsity:.3f}, {error}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 
@@ -1073,6 +1246,6 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--decode-splits", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=16, help="last positions of each text measured as decode steps")
     p.add_argument("--sensitivity-length", type=int, default=2048,
-                   help="tokens of the window on which each layer's sensitivity (the budget's layer weight) is measured; 0: none (default 2048)")
+                   help="tokens of the window on which each layer's KL curve (what the budget allocation minimises) is measured; 0: none (default 2048)")
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.set_defaults(run=_run_calibrate)

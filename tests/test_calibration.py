@@ -21,6 +21,7 @@ from blasst_sglang.calibration import (
     allocate_budget,
     fit_exponential,
     fit_phase,
+    layer_kl_curve,
     load_calibration,
 )
 
@@ -258,6 +259,49 @@ def test_layer_weights_move_the_budget_to_cheap_layers():
         assert spared.error == pytest.approx(2 * 0.09 / 3)
 
 
+def test_layer_kl_curve_interpolates_in_log_log_and_extrapolates_as_a_power_law():
+    mass = torch.tensor([1e-2, 1e-1, 0.0, 5e-2], dtype=torch.float64)  # unused point (0) and out of order
+    kl = torch.tensor([1e-4, 1e-1, 0.0, 1e-2], dtype=torch.float64)
+    at = torch.tensor([1e-2, 5e-2, 1e-1, math.sqrt(5e-4), 0.0, 1e-3, 1.0], dtype=torch.float64)
+    got = layer_kl_curve(at, mass, kl)
+    # Through the points; between 1e-2 and 5e-2 the exponent is log(100)/log(5).
+    assert torch.allclose(got[:3], torch.tensor([1e-4, 1e-2, 1e-1], dtype=torch.float64))
+    assert got[3] == pytest.approx(1e-4 * (math.sqrt(5e-4) / 1e-2) ** (math.log(100) / math.log(5)))
+    assert got[4] == 0.0
+    # Beyond the points the exponents (2.86 below, 3.32 above) are held to 2.
+    assert got[5] == pytest.approx(1e-4 * 0.1**2) and got[6] == pytest.approx(1e-1 * 10.0**2)
+    # One point: linear through it. A noisy point below a smaller mass's KL is raised to it.
+    one = layer_kl_curve(at[:3], torch.tensor([2e-2]), torch.tensor([4e-4]))
+    assert torch.allclose(one, torch.tensor([2e-4, 1e-3, 2e-3], dtype=torch.float64))
+    flat = layer_kl_curve(torch.tensor([2e-2]), torch.tensor([1e-2, 3e-2]), torch.tensor([1e-3, 5e-4]))
+    assert flat.item() == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="at least one point"):
+        layer_kl_curve(at, torch.tensor([0.0, 1e-2]), torch.tensor([1e-3, 0.0]))
+
+
+def test_layer_curves_allocate_on_predicted_kl():
+    # Three layers with the same sparsity and mass curves; layer 0's KL grows as mass² (1e-4 at
+    # 30 %, 1.6e-3 at 60 %), layers 1-2 linearly (1e-3, 4e-3). The curves replace the weights.
+    grid = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    sparsity = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64).expand(NUM_LAYERS, NUM_HEADS, 3).clone()
+    mass = torch.tensor([0.01, 0.04, 0.09], dtype=torch.float64).expand(NUM_LAYERS, NUM_HEADS, 3).clone()
+    curves = BudgetCurves(
+        grid, sparsity, mass, layer_weight=torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64),
+        layer_curve_mass=torch.tensor([[0.01, 0.1]] * NUM_LAYERS, dtype=torch.float64),
+        layer_curve_kl=torch.tensor([[1e-4, 1e-2], [1e-3, 1e-2], [1e-3, 1e-2]], dtype=torch.float64),
+    )
+    for g in ("layer-budget", "head-budget"):
+        alloc = curves.allocation(0.5, g)
+        # Every layer to 30 % first (layer 0 cheapest), then layer 0 to 60 % (5e-3 per unit of
+        # sparsity), then one of the others (1e-2); layer 0 is not spared despite its weight.
+        assert alloc.sparsity == pytest.approx(0.5)
+        assert alloc.factors[:, 0].tolist() == [10.0, 10.0, 1.0] and (alloc.factors == alloc.factors[:, :1]).all()
+        # error · num_layers is the predicted KL of the model, the layers adding up.
+        assert alloc.error * NUM_LAYERS == pytest.approx(1.6e-3 + 4e-3 + 1e-3)
+    curves.layer_curve_mass = curves.layer_curve_kl = None  # back to the weights: layer 0 is spared
+    assert curves.allocation(0.5, "layer-budget").factors[:, 0].tolist() == [0.0, 100.0, 10.0]
+
+
 def weighted_calibration(rng) -> Calibration:
     calib = make_calibration(rng)
     for ph in calib.phases.values():
@@ -305,6 +349,62 @@ def test_bad_layer_weights_fail_clearly(rng, tmp_path, edit, message):
         load_calibration(path)
 
 
+def curved_calibration(rng) -> Calibration:
+    calib = weighted_calibration(rng)
+    for ph in calib.phases.values():
+        ph.budget.layer_curve_mass = torch.tensor([[0.01, 0.1], [0.01, 0.0], [0.02, 0.2]], dtype=torch.float64)
+        ph.budget.layer_curve_kl = torch.tensor([[1e-3, 3e-2], [1e-4, 0.0], [1e-3, 1e-2]], dtype=torch.float64)
+    return calib
+
+
+def test_layer_curves_round_trip_and_version_3_files_load_without(rng, tmp_path):
+    path = tmp_path / "calib.json"
+    calib = curved_calibration(rng)
+    calib.save(path)
+    data = json.loads(path.read_text())
+    assert data["version"] == 4 and data["phases"]["prefill"]["budget"]["layer_curve_kl"][1] == [1e-4, 0.0]
+    assert load_calibration(path) == calib
+    curved = calib.scale_factors("prefill", 0.5, "head-budget")
+    budget = calib.phases["prefill"].budget
+    saved, budget.layer_curve_mass, budget.layer_curve_kl = (budget.layer_curve_mass, budget.layer_curve_kl), None, None
+    weighted = calib.scale_factors("prefill", 0.5, "head-budget")
+    budget.layer_curve_mass, budget.layer_curve_kl = saved
+
+    def to_v3(d):
+        d["version"] = 3
+        for ph in d["phases"].values():
+            ph["budget"].pop("layer_curve_mass")
+            ph["budget"].pop("layer_curve_kl")
+
+    corrupt(path, to_v3)
+    v3 = load_calibration(path)
+    assert not v3.phases["prefill"].budget.has_curves
+    assert torch.equal(v3.scale_factors("prefill", 0.5, "head-budget"), weighted) and not torch.equal(weighted, curved)
+    v3.save(path)  # without curves it is written back as version 3
+    assert json.loads(path.read_text())["version"] == 3 and load_calibration(path) == v3
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["phases"]["decode"]["budget"].pop("layer_curve_kl"), "missing field 'layer_curve_kl'"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_curve_mass"].pop(), "layer_curve_mass must be num_layers=3"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_curve_kl"][0].append(1.0), "layer_curve_kl must be num_layers lists of numbers of one length"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_curve_kl"][0].__setitem__(0, -1.0), "numbers >= 0"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_curve_kl"][1].__setitem__(0, 0.0), "needs a point with mass > 0 and KL > 0"),
+        (lambda d: d["phases"]["prefill"]["budget"]["layer_curve_mass"][0].append(1.0), "differ in shape"),
+    ],
+)
+def test_bad_layer_curves_fail_clearly(rng, tmp_path, edit, message):
+    path = tmp_path / "calib.json"
+    curved_calibration(rng).save(path)
+    if "differ in shape" in message:  # every row one longer: well formed, but not kl's shape
+        edit = lambda d: [row.append(1.0) for row in d["phases"]["prefill"]["budget"]["layer_curve_mass"]]  # noqa: E731
+    corrupt(path, edit)
+    with pytest.raises(ValueError, match=message):
+        load_calibration(path)
+
+
 def test_version_1_files_load_without_budgets(rng, tmp_path):
     path = tmp_path / "calib.json"
     make_calibration(rng).save(path)
@@ -325,9 +425,10 @@ def test_version_1_files_load_without_budgets(rng, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["calibration_smollm2.json", "calibration_smollm2_8k.json", "calibration_smollm2_budget4k_cpu.json"]
+    "name", ["calibration_smollm2.json", "calibration_smollm2_8k.json", "calibration_smollm2_budget4k_cpu.json",
+             "calibration_smollm2_budget4k_sens_cpu.json"]
 )
-def test_committed_version_1_and_2_results_still_load(name):
+def test_committed_version_1_to_3_results_still_load(name):
     path = Path(__file__).parent.parent / "benchmarks" / "results" / name
     if not path.exists():
         pytest.skip(f"{path} not in this checkout")
@@ -384,7 +485,7 @@ def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
     model, tok = smollm2
     calib = calibrate(
         model, tok, lengths=(256, 512), n_lambdas=10, lambda_range=(1e-4, 0.9), decode_steps=4,
-        sensitivity_length=512, model_id="smollm2-test", progress=False,
+        sensitivity_length=512, sensitivity_masses=(), model_id="smollm2-test", progress=False,
     )
     assert (calib.num_layers, calib.num_heads, calib.num_kv_heads, calib.head_dim) == (30, 9, 3, 64)
     for phase in ("prefill", "decode"):
@@ -411,8 +512,11 @@ def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
     weight = calib.phases["prefill"].budget.layer_weight
     assert weight.shape == (30,) and torch.isfinite(weight).all() and (weight > 0).all()
     assert calib.phases["decode"].budget.layer_weight is weight
+    # So does one set of layer KL curves (here of one point each, at the weights' mass).
+    assert calib.phases["prefill"].budget.layer_curve_kl.shape == (30, 1)
+    assert calib.phases["decode"].budget.layer_curve_kl is calib.phases["prefill"].budget.layer_curve_kl
     calib.save(tmp_path / "c.json")
-    assert json.loads((tmp_path / "c.json").read_text())["version"] == 3
+    assert json.loads((tmp_path / "c.json").read_text())["version"] == 4
     assert load_calibration(tmp_path / "c.json", model_shape=(30, 9, 3, 64)) == calib
 
 
@@ -421,15 +525,41 @@ def test_layer_sensitivity_measures_each_layer_near_the_reference_mass(smollm2):
 
     model, tok = smollm2
     factors = torch.logspace(0, math.log10(400), 8, dtype=torch.float64)
-    out = layer_sensitivity(model, tok, factors, length=512, reference_mass=0.02, progress=False)
+    out = layer_sensitivity(model, tok, factors, length=512, reference_mass=0.02, curve_masses=(0.06,), progress=False)
     measured = out["factor"] > 0
     assert measured.any() and torch.isfinite(out["weight"]).all() and (out["weight"] >= 0).all()
     assert torch.allclose(out["weight"][measured], out["kl"][measured] / out["mass"][measured])
     # Measured layers were run at a grid factor, dropping mass within a grid step of the reference;
-    # the others could not reach a tenth of it and get the largest measured weight.
+    # the others could not reach a third of it and get the largest measured weight.
     assert all(float(f) in factors.tolist() for f in out["factor"][measured])
-    assert (out["mass"][measured] >= 0.002).all() and (out["kl"][measured] > 0).all()
+    assert (out["mass"][measured] >= 0.02 / 3).all() and (out["kl"][measured] > 0).all()
     assert (out["weight"][~measured] == out["weight"][measured].max()).all()
+    # The curve: one column per mass aimed at (sorted), the reference's equal to the weight's point.
+    mass, kl = out["curve_mass"], out["curve_kl"]
+    assert mass.shape == kl.shape == (30, 2)
+    assert torch.equal(mass[measured, 0], out["mass"][measured]) and torch.equal(kl[measured, 0], out["kl"][measured])
+    both = (mass > 0).all(1)
+    assert both.any() and (mass[both, 1] >= 0.02).all() and (kl[both] > 0).all()
+    same = both & (mass[:, 1] == mass[:, 0])  # one grid factor nearest both aims: measured once
+    assert torch.equal(kl[same, 1], kl[same, 0])
+    more = both & (mass[:, 1] > mass[:, 0])
+    assert more.any() and (kl[more, 1] > kl[more, 0]).float().mean() > 0.8, "more mass dropped costs more KL, almost always"
+
+
+def test_suffix_runs_equal_whole_passes(smollm2):
+    from blasst_sglang.calibration import _suffix_runner, calibration_windows
+    from blasst_sglang.evaluate import next_token_logprobs
+    from blasst_sglang.hf_attention import BlasstSettings, blasst_attention
+
+    model, tok = smollm2
+    (ids,) = calibration_windows(tok, 192, 1)
+    dense, run_from = _suffix_runner(model, ids, 32)
+    assert torch.equal(dense, next_token_logprobs(model, ids, 32)) and torch.equal(run_from(7), dense)
+    scale = [None] * 30
+    scale[7] = 150.0
+    with blasst_attention(model, BlasstSettings(scale_factor=scale)):
+        whole, suffix = next_token_logprobs(model, ids, 32), run_from(7)
+    assert not torch.equal(whole, dense) and torch.allclose(suffix, whole, atol=1e-5, rtol=0)
 
 
 def test_cli_registers_calibrate():
