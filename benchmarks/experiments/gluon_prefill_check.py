@@ -199,22 +199,10 @@ def sparsity_of(torch, fn_stats, hq):
     return s[1] / max(s[0], 1)
 
 
-def bisect(sparsity_at, target, lo=1e-4, hi=1e4, iters=20):
-    lo, hi = math.log(lo), math.log(hi)
-    best = None
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        sp = sparsity_at(math.exp(mid))
-        if best is None or abs(sp - target) < abs(best[1] - target):
-            best = (math.exp(mid), sp)
-        if abs(sp - target) < 0.02:
-            break
-        lo, hi = (mid, hi) if sp < target else (lo, mid)
-    return best
-
-
 def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpness=1.0, hq=32, hkv=8, d=128,
                  block_n=128, targets=(0.7, 0.9), with_zero=True):
+    from bench_kernels import bisect_factor  # after _import_kernels: it imports blasst_kernels
+
     tag = "" if (hq, hkv, d, block_n) == (32, 8, 128, 128) else f"[{hq}/{hkv} d{d} bn{block_n}] "
     flops = 2 * 2 * hq * d * L * L / 2
     sets = [make_inputs(torch, synthetic_qkv, [L], hq, hkv, d, torch.bfloat16, sharpness=sharpness, seed=100 * i)
@@ -286,7 +274,7 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
     if with_zero:
         factors["~0%"] = 1e-6
     for target in targets:
-        res, err = guarded(f"bisect {target} {L}", 300, lambda: bisect(lambda f: sparsity_of(torch, lambda st: probe(f, st), hq), target))
+        res, err = guarded(f"bisect {target} {L}", 300, lambda: bisect_factor(lambda f: sparsity_of(torch, lambda st: probe(f, st), hq), target, 1e4, 1e-4, 20))
         if res:
             factors[f"~{int(target * 100)}%"] = res[0]
     RESULT.setdefault("factors", {})[tag + str(L)] = factors
