@@ -59,10 +59,19 @@ def _log2_lambda(scale_ptr, head, seq_len):
 
 
 @gluon.jit
+def _load_tile(desc, pre_desc, i, n_pre, q_start, kv_start, kv_col, bar, dst, BLOCK_N: gl.constexpr):
+    """TMA of ring tile ``i`` (K or V): a cached-prefix tile while ``i < n_pre``, else a new-token tile."""
+    if i < n_pre:
+        tma.async_copy_global_to_shared(pre_desc, [kv_start + i * BLOCK_N, kv_col], bar, dst)
+    else:
+        tma.async_copy_global_to_shared(desc, [q_start + (i - n_pre) * BLOCK_N, kv_col], bar, dst)
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v,
-              empty_k0, empty_v0, empty_k1, empty_v1, q_start, seq_len, kv_start, pre_len, pid_m, head, kv_group,
-              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
-              V_EARLY: gl.constexpr, KV_BAR: gl.constexpr):
+              empty_k0, empty_v0, empty_k1, empty_v1, vote_smem, q_start, seq_len, kv_start, pre_len, pid_m, head,
+              kv_group, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+              V_EARLY: gl.constexpr, KV_BAR: gl.constexpr, LAZY: gl.constexpr):
     """One warp: Q of both halves, then the K and V tiles through the two rings.
 
     Order: K_0, (K_1, V_0), (K_2, V_1), ... by default (with OVERLAP the consumers need
@@ -71,6 +80,13 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     BLOCK_N)`` tiles of a cached prefix (``kp_desc``/``vp_desc`` rows from ``kv_start``) come
     first, then the new tokens' tiles. With ``KV_BAR`` one ``empty`` barrier per
     consumer and stage covers K and V together (``empty_k*``; ``empty_v*`` unused).
+
+    With ``LAZY`` (skip mode) V_j is loaded only if a consumer keeps tile j. Each consumer posts its
+    decision on tile j (its per-warp vote words in ``vote_smem[2 s + half]``) before it releases
+    K_j, so the release of K_j is also "decided". Order: K_i, then tile i-1's decisions are read and
+    V_{i-1}, if deferred, is loaded (or, when both skipped it, ``ready_v`` is completed with no
+    bytes); ``LAZY == 2`` predicts: after a kept tile V_i is issued at once (skipped tiles come in
+    runs), ``LAZY == 1`` defers every V.
 
     Protocol invariant: each consumer has its own ``empty`` barriers (count 1, one arrival per
     use of a stage) and releases a stage only after waiting for that use's ``ready`` barriers,
@@ -84,29 +100,59 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     kv_col = (head // kv_group) * HEAD_D
     n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1
     n_pre = (pre_len + BLOCK_N - 1) // BLOCK_N
-    if V_EARLY:
+    if LAZY:
+        words: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
+        v_sent = gl.to_tensor(False)  # V of tile i-1 already issued (predicted kept)
+        for i in range(n_pre + n_tiles + 1):
+            s = i % NUM_STAGES
+            ph = (i // NUM_STAGES) & 1
+            if i < n_pre + n_tiles:
+                mbarrier.wait(empty_k0.index(s), ph ^ 1)
+                mbarrier.wait(empty_k1.index(s), ph ^ 1)
+                mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
+                _load_tile(k_desc, kp_desc, i, n_pre, q_start, kv_start, kv_col, ready_k.index(s), k_smem.index(s),
+                           BLOCK_N)
+            keep_prev = i >= 0  # V_0 is predicted kept
+            if i > 0:
+                j = i - 1
+                sj = j % NUM_STAGES
+                phj = (j // NUM_STAGES) & 1
+                mbarrier.wait(empty_k0.index(sj), phj)  # both consumers posted their decision on tile j
+                mbarrier.wait(empty_k1.index(sj), phj)
+                w = gl.maximum(vote_smem.index(2 * sj).load(words), vote_smem.index(2 * sj + 1).load(words))
+                keep_prev = gl.max(w, 0) > 0
+                if not v_sent:
+                    mbarrier.wait(empty_v0.index(sj), phj ^ 1)
+                    mbarrier.wait(empty_v1.index(sj), phj ^ 1)
+                    if keep_prev:
+                        mbarrier.expect(ready_v.index(sj), v_desc.block_type.nbytes)
+                        _load_tile(v_desc, vp_desc, j, n_pre, q_start, kv_start, kv_col, ready_v.index(sj),
+                                   v_smem.index(sj), BLOCK_N)
+                    else:  # nobody reads V_j: complete its phase with no bytes
+                        mbarrier.arrive(ready_v.index(sj))
+            v_sent = gl.to_tensor(False)
+            if LAZY == 2:
+                if i < n_pre + n_tiles:
+                    if keep_prev:
+                        mbarrier.wait(empty_v0.index(s), ph ^ 1)
+                        mbarrier.wait(empty_v1.index(s), ph ^ 1)
+                        mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
+                        _load_tile(v_desc, vp_desc, i, n_pre, q_start, kv_start, kv_col, ready_v.index(s),
+                                   v_smem.index(s), BLOCK_N)
+                        v_sent = gl.to_tensor(True)
+    elif V_EARLY:
         for i in range(n_pre + n_tiles):
             s = i % NUM_STAGES
             ph = (i // NUM_STAGES) & 1
             mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
             mbarrier.wait(empty_k1.index(s), ph ^ 1)
             mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-            if i < n_pre:
-                tma.async_copy_global_to_shared(kp_desc, [kv_start + i * BLOCK_N, kv_col], ready_k.index(s),
-                                                k_smem.index(s))
-            else:
-                tma.async_copy_global_to_shared(k_desc, [q_start + (i - n_pre) * BLOCK_N, kv_col], ready_k.index(s),
-                                                k_smem.index(s))
+            _load_tile(k_desc, kp_desc, i, n_pre, q_start, kv_start, kv_col, ready_k.index(s), k_smem.index(s), BLOCK_N)
             if not KV_BAR:
                 mbarrier.wait(empty_v0.index(s), ph ^ 1)
                 mbarrier.wait(empty_v1.index(s), ph ^ 1)
             mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-            if i < n_pre:
-                tma.async_copy_global_to_shared(vp_desc, [kv_start + i * BLOCK_N, kv_col], ready_v.index(s),
-                                                v_smem.index(s))
-            else:
-                tma.async_copy_global_to_shared(v_desc, [q_start + (i - n_pre) * BLOCK_N, kv_col], ready_v.index(s),
-                                                v_smem.index(s))
+            _load_tile(v_desc, vp_desc, i, n_pre, q_start, kv_start, kv_col, ready_v.index(s), v_smem.index(s), BLOCK_N)
     else:
         for i in range(n_tiles + 1):
             if i < n_tiles:  # K_i
@@ -168,12 +214,27 @@ def _vote_get(vote_buf):
 
 
 @gluon.jit
-def _update(qk, m_i, l_i, m_ij, p_like, dtype: gl.constexpr):
-    """Online-softmax update of one (scaled, masked) score tile: ``m_new, alpha, l_new, p`` with ``p``
-    in ``p_like``'s layout (the P·V A operand)."""
+def _vote_fill(vote_buf, value: gl.constexpr):
+    """Post a decision without a vote (``LAZY``): ``value`` in all four warps' words."""
+    all4: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])
+    vote_buf.store(gl.full([4], value, gl.int32, all4))
+
+
+@gluon.jit
+def _publish(decided_bar, LAZY: gl.constexpr):
+    """``LAZY``: release K (this use of the stage) once the decision is in ``vote_buf``: the
+    producer reads it there after waiting on that barrier (the arrive's barrier orders the stores)."""
+    if LAZY:
+        mbarrier.arrive(decided_bar)
+
+
+@gluon.jit
+def _update(qk, qk_scale, m_i, l_i, m_ij, p_like, dtype: gl.constexpr):
+    """Online-softmax update of one (masked, unscaled) score tile: ``m_new, alpha, l_new, p`` with
+    ``p`` in ``p_like``'s layout (the P·V A operand). The scale folds into the exponent's FMA."""
     m_new = gl.maximum(m_i, m_ij)
     alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(qk - m_new[:, None])
+    p = gl.exp2(qk * qk_scale - m_new[:, None])
     l_new = l_i * alpha + gl.sum(p, 1)
     p_op = gl.convert_layout(p.to(dtype), p_like.type.layout)
     return m_new, alpha, l_new, p_op
@@ -182,8 +243,8 @@ def _update(qk, m_i, l_i, m_ij, p_like, dtype: gl.constexpr):
 @gluon.jit
 def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam, qk_scale, vote_buf, spec_now,
                   dtype: gl.constexpr, DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr,
-                  SPEC: gl.constexpr, TAIL: gl.constexpr = False):
-    """Scale and mask one score tile, decide, and (kept tiles only) compute its online-softmax update.
+                  SPEC: gl.constexpr, TAIL: gl.constexpr = False, decided_bar=None, LAZY: gl.constexpr = 0):
+    """Mask one score tile, decide, and (kept tiles only) compute its online-softmax update.
 
     Returns ``keep, m_new, alpha, l_new, p`` (``p`` in ``p_skip``'s layout, the P·V A operand). The
     caller applies them only when ``keep``. ``SPEC`` 0: a skipped tile does no exp (and returns the
@@ -192,9 +253,9 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam
     1 when the runtime, warpgroup-uniform ``spec_now`` is true (the caller passes "the previous
     decision was keep"), as 0 otherwise. ``VOTE`` 0: the 64-row OR is ``gl.max`` (shared memory
     and two named barriers); 1: per-warp shuffles, one word per warp through ``vote_buf`` and one
-    named barrier."""
+    named barrier. ``LAZY``: the decision (a vote, or "keep" on a tile that is never skipped) is
+    published through ``decided_bar`` (:func:`_publish`) as soon as it is known, before the exps."""
     BLOCK_N: gl.constexpr = qk.shape[1]
-    qk = qk * qk_scale
     # DIAGONAL: keys past the row (causal) or past key_len; TAIL: keys past key_len only (the last,
     # partial tile of a cached prefix).
     if DIAGONAL:
@@ -204,7 +265,9 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam
     elif TAIL:
         cols = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
         qk = gl.where((cols < key_len)[None, :], qk, float("-inf"))
-    m_ij = gl.max(qk, 1)  # the one row max: the decision's m̃ and the softmax's new max
+    # The one row max (log2 domain): the decision's m̃ and the softmax's new max. Scaling the max,
+    # not the tile, is exact (rounding is monotone) and leaves the scale to the exps' FMA (FA3).
+    m_ij = gl.max(qk, 1) * qk_scale
     DECIDE: gl.constexpr = SKIP and not DIAGONAL
     keep = True
     if DECIDE:
@@ -215,21 +278,27 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam
             _vote_post(matters, vote_buf)
         else:
             keep = gl.max(matters.to(gl.int32), 0) > 0
+    if LAZY and not DECIDE:
+        _vote_fill(vote_buf, 1)
+        _publish(decided_bar, LAZY)
     if SPEC == 1 or not DECIDE:
-        m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
+        m_new, alpha, l_new, p_op = _update(qk, qk_scale, m_i, l_i, m_ij, p_skip, dtype)
         if DECIDE:
             if VOTE == 1:
                 keep = _vote_get(vote_buf)
+                _publish(decided_bar, LAZY)
     elif SPEC == 2:
         if spec_now:  # the previous tile was kept: this one likely is too, exps first
-            m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
+            m_new, alpha, l_new, p_op = _update(qk, qk_scale, m_i, l_i, m_ij, p_skip, dtype)
             if VOTE == 1:
                 keep = _vote_get(vote_buf)
+                _publish(decided_bar, LAZY)
         else:  # the previous tile was skipped: decide first
             if VOTE == 1:
                 keep = _vote_get(vote_buf)
+                _publish(decided_bar, LAZY)
             if keep:
-                m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
+                m_new, alpha, l_new, p_op = _update(qk, qk_scale, m_i, l_i, m_ij, p_skip, dtype)
             else:
                 m_new = m_i
                 alpha = gl.full_like(m_i, 1.0)
@@ -238,8 +307,9 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam
     else:
         if VOTE == 1:
             keep = _vote_get(vote_buf)
+            _publish(decided_bar, LAZY)
         if keep:
-            m_new, alpha, l_new, p_op = _update(qk, m_i, l_i, m_ij, p_skip, dtype)
+            m_new, alpha, l_new, p_op = _update(qk, qk_scale, m_i, l_i, m_ij, p_skip, dtype)
         else:
             m_new = m_i
             alpha = gl.full_like(m_i, 1.0)
@@ -306,17 +376,21 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
 
 
 @gluon.jit
-def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-                   vote_buf, lo, hi, r0, seq_len, log2_lam, qk_scale,
+def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                   empty_v, vote_smem, lo, hi, r0, seq_len, log2_lam, qk_scale,
                    s_layout: gl.constexpr, o_layout: gl.constexpr,
                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                    DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr,
-                   g0, key_len, TAIL: gl.constexpr):
+                   g0, key_len, TAIL: gl.constexpr, HALF_IDX: gl.constexpr, LAZY: gl.constexpr):
     """Ring tiles ``[lo, hi)`` of one key segment (ring index ``j`` holds the segment's keys
     ``[(j - g0) * BLOCK_N, ...)``, ``key_len`` of them) with FA3's intra-warpgroup overlap: ``S_j = Q K_jᵀ`` is issued, then
     the pending ``P_prev V_prev`` (tile ``j_prev``, if any kept tile is pending), and tile j's
     softmax runs while that P·V is in flight. A kept tile becomes the pending one; a skipped tile
-    releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`)."""
+    releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`).
+
+    ``LAZY`` (see :func:`_producer`): the vote words are per stage, K_j is released when the
+    decision is published, and a skipped tile's V stage is released one iteration later (``j_rel``,
+    once the producer has resolved it: waiting at once would wait for the other warpgroup's vote)."""
     HALF: gl.constexpr = acc.shape[0]
     rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     row_ok = rows < seq_len
@@ -329,6 +403,10 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
         k_start = (j - g0) * BLOCK_N
+        if LAZY:
+            vote_buf = vote_smem.index(2 * s + HALF_IDX)
+        else:
+            vote_buf = vote_smem.index(HALF_IDX)
         mbarrier.wait(ready_k.index(s), ph)
         qk_tok = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if j_prev >= 0:
@@ -338,16 +416,24 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
             qk = warpgroup_mma_wait(1, deps=[qk_tok])
             keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, key_len,
                                                              log2_lam, qk_scale, vote_buf, True, v_smem.dtype,
-                                                             DIAGONAL, SKIP, VOTE, SPEC_PV, TAIL)
+                                                             DIAGONAL, SKIP, VOTE, SPEC_PV, TAIL, empty_k.index(s), LAZY)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
-            mbarrier.arrive(empty_k.index(s))
+            if not LAZY:
+                mbarrier.arrive(empty_k.index(s))
             mbarrier.arrive(empty_v.index(sp))
         else:
+            if LAZY:
+                if j_rel >= 0:  # the previous tile was skipped: its V stage is resolved by now
+                    sr = j_rel % NUM_STAGES
+                    mbarrier.wait(ready_v.index(sr), (j_rel // NUM_STAGES) & 1)
+                    mbarrier.arrive(empty_v.index(sr))
+                    j_rel = -1
             qk = warpgroup_mma_wait(0, deps=[qk_tok])
-            mbarrier.arrive(empty_k.index(s))
+            if not LAZY:
+                mbarrier.arrive(empty_k.index(s))
             keep, m_new, alpha, l_new, p_new = _softmax_step(qk, m_i, l_i, p_prev, rows, row_ok, k_start, key_len,
                                                              log2_lam, qk_scale, vote_buf, j == lo, v_smem.dtype,
-                                                             DIAGONAL, SKIP, VOTE, SPEC, TAIL)
+                                                             DIAGONAL, SKIP, VOTE, SPEC, TAIL, empty_k.index(s), LAZY)
         if keep:
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * alpha_o[:, None]
@@ -358,9 +444,12 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem
         else:
             n_skip += 1
             j_prev = -1
-            mbarrier.wait(ready_v.index(s), ph)  # release only what landed (see _producer)
-            mbarrier.arrive(empty_v.index(s))
-    return acc, l_i, m_i, n_skip, p_prev, j_prev
+            if LAZY:
+                j_rel = j
+            else:
+                mbarrier.wait(ready_v.index(s), ph)  # release only what landed (see _producer)
+                mbarrier.arrive(empty_v.index(s))
+    return acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel
 
 
 @gluon.jit
@@ -388,7 +477,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
               q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
               HALF_IDX: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
               SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
-              KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
+              KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr, LAZY: gl.constexpr):
     """One warpgroup: 64 query rows, their own skip decisions, their own output rows."""
     HALF: gl.constexpr = q_smem.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -417,30 +506,36 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
     l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
     n_skip = 0
-    vote_buf = vote_smem.index(HALF_IDX)
+    vote_buf = vote_smem.index(HALF_IDX)  # the plain loop's vote words (LAZY: per stage)
 
     q_tile = q_smem.index(HALF_IDX)
     mbarrier.wait(q_bars.index(HALF_IDX), 0)
     if OVERLAP:
         p_prev = gl.zeros([HALF, BLOCK_N], v_smem.dtype, p_layout)
         j_prev = -1
-        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
-            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            vote_buf, 0, pre_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False,
-            SKIP, VOTE, SPEC, 0, pre_len, False)
-        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
-            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            vote_buf, pre_full, pre_hi, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES,
-            False, SKIP, VOTE, SPEC, 0, pre_len, True)
-        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
-            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            vote_buf, n_pre, n_pre + n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
-            NUM_STAGES, False, SKIP, VOTE, SPEC, n_pre, seq_len, False)
-        acc, l_i, m_i, n_skip, p_prev, j_prev = _tiles_overlap(
-            acc, l_i, m_i, n_skip, p_prev, j_prev, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v,
-            vote_buf, n_pre + n_full, n_pre + n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
-            NUM_STAGES, True, SKIP, VOTE, SPEC, n_pre, seq_len, False)
+        j_rel = -1
+        acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+            empty_v, vote_smem, 0, pre_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False,
+            SKIP, VOTE, SPEC, 0, pre_len, False, HALF_IDX, LAZY)
+        acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+            empty_v, vote_smem, pre_full, pre_hi, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES,
+            False, SKIP, VOTE, SPEC, 0, pre_len, True, HALF_IDX, LAZY)
+        acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+            empty_v, vote_smem, n_pre, n_pre + n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+            NUM_STAGES, False, SKIP, VOTE, SPEC, n_pre, seq_len, False, HALF_IDX, LAZY)
+        acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
+            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+            empty_v, vote_smem, n_pre + n_full, n_pre + n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+            NUM_STAGES, True, SKIP, VOTE, SPEC, n_pre, seq_len, False, HALF_IDX, LAZY)
         acc = _flush(acc, p_prev, j_prev, n_pre, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES, ZERO_TAIL_V)
+        if LAZY:
+            if j_rel >= 0:
+                sr = j_rel % NUM_STAGES
+                mbarrier.wait(ready_v.index(sr), (j_rel // NUM_STAGES) & 1)
+                mbarrier.arrive(empty_v.index(sr))
     else:
         acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
                                        empty_v, vote_buf, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout,
@@ -453,12 +548,15 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
         mbarrier.wait(ready_k.index(s), ph)  # release only what landed (see _producer)
-        mbarrier.wait(ready_v.index(s), ph)
         if KV_BAR:
+            mbarrier.wait(ready_v.index(s), ph)
             mbarrier.arrive(empty_k.index(s))
         else:
-            mbarrier.arrive(empty_v.index(s))
+            if LAZY:  # "not needed here", before K is released (the producer reads it then)
+                _vote_fill(vote_smem.index(2 * s + HALF_IDX), 0)
             mbarrier.arrive(empty_k.index(s))
+            mbarrier.wait(ready_v.index(s), ph)
+            mbarrier.arrive(empty_v.index(s))
 
     if last_row >= r0:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -478,10 +576,10 @@ def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_
                q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
-               KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
+               KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr, LAZY: gl.constexpr):
     _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem, out_ptr, scale_ptr,
               stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
-              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR, VOTE, SPEC)
+              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR, VOTE, SPEC, LAZY)
 
 
 @gluon.jit
@@ -491,8 +589,10 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_i
                          SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                          V_EARLY: gl.constexpr = False, KV_BAR: gl.constexpr = False, VOTE: gl.constexpr = 0,
-                         SPEC: gl.constexpr = False, HAS_PREFIX: gl.constexpr = False):
+                         SPEC: gl.constexpr = False, HAS_PREFIX: gl.constexpr = False, LAZY_V: gl.constexpr = 0):
     HALF: gl.constexpr = q_desc.block_type.shape[0]
+    gl.static_assert(not LAZY_V or (OVERLAP and VOTE == 1), "lazy V loads need OVERLAP and VOTE = 1")
+    LAZY: gl.constexpr = LAZY_V if SKIP else 0  # dense mode keeps every tile: nothing to decide
     gl.static_assert(not HAS_PREFIX or (OVERLAP and V_EARLY), "a cached prefix needs OVERLAP and V_EARLY")
     # The overlap loop releases K (after S = QKᵀ) and V (after P·V) at different times.
     KV_BAR_: gl.constexpr = KV_BAR and not OVERLAP
@@ -512,8 +612,10 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_i
         q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-        # One word per warp of each consumer for the VOTE = 1 decision.
-        vote_smem = gl.allocate_shared_memory(gl.int32, [2, 4], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # One word per warp of each consumer for the VOTE = 1 decision (per stage with LAZY: the
+        # producer reads them; row 2 s + half).
+        vote_smem = gl.allocate_shared_memory(gl.int32, [2 * NUM_STAGES if LAZY else 2, 4],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
         q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready_k = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         ready_v = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -537,14 +639,15 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_i
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0, vote_smem,
                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot,
-                         stride_oh, 0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE, SPEC)),
+                         stride_oh, 0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE, SPEC,
+                         LAZY)),
             (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k1, empty_v1, vote_smem,
                           out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale,
                           stride_ot, stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE,
-                          SPEC)),
+                          SPEC, LAZY)),
             (_producer, (q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v,
-                         empty_k0, empty_v0, empty_k1, empty_v1, q_start, seq_len, kv_start, pre_len, pid_m, head,
-                         kv_group, BLOCK_N, HEAD_D, NUM_STAGES, V_EARLY, KV_BAR_)),
+                         empty_k0, empty_v0, empty_k1, empty_v1, vote_smem, q_start, seq_len, kv_start, pre_len, pid_m,
+                         head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES, V_EARLY, KV_BAR_, LAZY)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -565,15 +668,15 @@ def make_descriptors(q, k, v, block_n: int):
     return desc(q, HALF_M), desc(k, block_n), desc(v, block_n)
 
 
-# Launch defaults per mode, measured on an H100 (16K tokens, GQA 32/8, d=128, bf16 causal;
-# benchmarks/results/experiments/gluon_H100/gluon_v2.txt): overlap + V issued early + per-warp vote
-# ("e2+ov"), dense 623 TF/s; skip mode 538 / 750 / 829 TF/s at ~0 / 68 / 88 % skipped. With SPEC
-# (exps before the vote is read) skip mode costs nothing when nothing is skipped (618) but gains
-# less when much is (659 at 68 %); without overlap it is best at 88 % (865). spec=2 (adaptive:
-# speculate only after a kept tile; skipped tiles come in runs) is meant to get both; not yet timed.
-DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False)
-SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False)
-_TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "zero_tail_v", "consumer_regs",
+# Launch defaults per mode, measured on an H100 (GQA 32/8, d=128, bf16 causal; every variant checked
+# against the reference in the same run; results/experiments/gluon_H100/gluon_v7_exp2_fma.txt):
+# overlap + V issued early + per-warp vote ("e2+ov") for dense, 619-643 TF/s at 16K-64K. Skip mode
+# adds lazy V loads (lazy_v=2, "p2+ov"): at 64K 886 / 982 TF/s at ~69 / 83 % skipped against
+# 831 / 907 for e2+ov, within ±4 % of it at 16K-32K, and the same at ~0 % (0.93-0.98x of dense).
+# SPEC (exps before the vote is read) costs nothing at ~0 % but 10-20 % where much is skipped.
+DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
+SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=2)
+_TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "lazy_v", "zero_tail_v", "consumer_regs",
                 "producer_regs", "maxnreg")
 
 
@@ -582,7 +685,7 @@ def launch_config(skip: bool, **tuning) -> dict:
     unknown = set(tuning) - set(_TUNING_KEYS)
     if unknown:
         raise TypeError(f"gluon_prefill: unknown tuning keys {sorted(unknown)}")
-    cfg = dict(zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
+    cfg = dict(lazy_v=0, zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
     cfg.update(SKIP_DEFAULTS if skip else DENSE_DEFAULTS)
     cfg.update(tuning)
     return cfg
@@ -615,7 +718,9 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
             for K and V; plain loop only), ``vote`` (0: ``gl.max`` decision, 1: per-warp vote through
             shared memory, one named barrier), ``spec`` (0/False: decide, then exps of kept tiles
             only; 1/True: exps before the decision is read; 2: adaptive, exps first only while the
-            warpgroup's previous decision was "keep", the first tile included),
+            warpgroup's previous decision was "keep", the first tile included), ``lazy_v`` (skip mode,
+            overlap and vote=1 only: 0 loads every V tile; 1 loads V_j only once a warpgroup kept tile
+            j; 2 as 1, but after a kept tile the next V is loaded without waiting for its decision),
             ``zero_tail_v`` (zero V rows past the sequence end of its last tile, see module doc),
             ``consumer_regs`` / ``producer_regs`` / ``maxnreg`` (register split and launch limit).
     """
@@ -650,5 +755,5 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         BLOCK_N=block_n, HEAD_D=d, NUM_STAGES=cfg["num_stages"], SKIP=skip, COUNT=stats is not None,
         ZERO_TAIL_V=cfg["zero_tail_v"], OVERLAP=cfg["overlap"], CONSUMER_REGS=cfg["consumer_regs"],
         PRODUCER_REGS=cfg["producer_regs"], V_EARLY=cfg["v_early"], KV_BAR=cfg["kv_bar"], VOTE=cfg["vote"],
-        SPEC=cfg["spec"], HAS_PREFIX=has_prefix, num_warps=4, maxnreg=cfg["maxnreg"],
+        SPEC=cfg["spec"], HAS_PREFIX=has_prefix, LAZY_V=cfg["lazy_v"], num_warps=4, maxnreg=cfg["maxnreg"],
     )

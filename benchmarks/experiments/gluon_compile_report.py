@@ -56,12 +56,17 @@ VARIANTS = {
     "e3+ov": dict(num_stages=3, overlap=True, v_early=True, vote=1),
     "e2s+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=True),
     "e2a+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=2),
+    # lazy V (skip mode): 1 = V_j loaded once a warpgroup kept tile j; 2 = predicted (after a kept tile)
+    "l2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, lazy_v=1),
+    "p2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, lazy_v=2),
+    "p3+ov": dict(num_stages=3, overlap=True, v_early=True, vote=1, lazy_v=2),
+    "p2s+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=True, lazy_v=2),
 }
 
 
 def compile_variant(gp, *, skip, num_stages=2, overlap=False, v_early=False, kv_bar=False, vote=0, spec=False,
                     bn=128, d=128, count=False, dtype="bf16", consumer_regs=240, producer_regs=24, maxnreg=168,
-                    prefix=False):
+                    prefix=False, lazy_v=0):
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
@@ -74,7 +79,8 @@ def compile_variant(gp, *, skip, num_stages=2, overlap=False, v_early=False, kv_
            "kv_group": "i32", "stride_ot": "i32", "stride_oh": "i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, NUM_STAGES=num_stages, SKIP=skip, COUNT=count, ZERO_TAIL_V=True,
                   OVERLAP=overlap, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-                  V_EARLY=v_early, KV_BAR=kv_bar, VOTE=vote, SPEC=spec, HAS_PREFIX=prefix)
+                  V_EARLY=v_early, KV_BAR=kv_bar, VOTE=vote, SPEC=spec, HAS_PREFIX=prefix,
+                  LAZY_V=lazy_v)
     for name in inspect.signature(gp.gluon_prefill_kernel.fn).parameters:
         sig.setdefault(name, "constexpr")
     src = GluonASTSource(gp.gluon_prefill_kernel, sig, constexprs=consts)

@@ -313,6 +313,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--d64-variants", default="default",
                     help="variants checked and timed at d=64 (block_n=64): SmolLM2's shape 9/3 and 32/8; '' for none")
+    ap.add_argument("--lengths", default=None, help="timed lengths, comma-separated (default 16384,32768; --quick 16384)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args()
     if args.compile_only:
@@ -375,7 +376,8 @@ def main():
     rows = []
     if not args.no_bench:
         print("== speed (batch 1, Hq=32, Hkv=8, d=128 bf16 causal; 3 input sets rotated)", flush=True)
-        for L in ([16384] if args.quick else [16384, 32768]):
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [16384] if args.quick else [16384, 32768]
+        for L in lengths:
             try:
                 rows += bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants)
             except Exception as exc:

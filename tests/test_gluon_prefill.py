@@ -1,0 +1,76 @@
+"""The Gluon (sm_90) prefill on a machine without a GPU: its launch configuration, and that each
+mode's default kernel still compiles for sm_90 with nothing spilled (ptxas ships with triton).
+Compiles run in a subprocess: under ``TRITON_INTERPRET=1`` (the test session's) a ``gluon.jit``
+function is an interpreted one, which cannot be compiled.
+
+Its numerics are checked against the reference on an H100 by
+``benchmarks/experiments/gluon_prefill_check.py`` and ``benchmarks/check_kernels_gpu.py``."""
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+gp = pytest.importorskip("blasst_kernels.gluon_prefill")
+triton = pytest.importorskip("triton")
+
+
+def test_launch_config_defaults_and_overrides():
+    assert gp.launch_config(False)["lazy_v"] == 0  # dense mode loads every V tile
+    assert gp.launch_config(True)["lazy_v"] == 2
+    assert gp.launch_config(True, lazy_v=0, num_stages=3)["num_stages"] == 3
+    with pytest.raises(TypeError, match="lazy"):
+        gp.launch_config(True, lazy=1)
+
+
+def _compile(skip, prefix=True, **tuning):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = gp.launch_config(skip, **tuning)
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)
+        return f"tensordesc<bf16[{rows}, 128],{layout!r}>"
+
+    sig = {"q_desc": desc(gp.HALF_M), "k_desc": desc(128), "v_desc": desc(128), "kp_desc": desc(128),
+           "vp_desc": desc(128), "out_ptr": "*bf16", "qo_indptr": "*i32", "kv_indptr": "*i32", "scale_ptr": "*fp32",
+           "stats_ptr": "*i32", "sm_scale": "fp32", "kv_group": "i32", "stride_ot": "i32", "stride_oh": "i32"}
+    consts = dict(BLOCK_N=128, HEAD_D=128, NUM_STAGES=cfg["num_stages"], SKIP=skip, COUNT=skip, ZERO_TAIL_V=True,
+                  OVERLAP=cfg["overlap"], CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"],
+                  V_EARLY=cfg["v_early"], KV_BAR=cfg["kv_bar"], VOTE=cfg["vote"], SPEC=cfg["spec"],
+                  HAS_PREFIX=prefix, LAZY_V=cfg["lazy_v"])
+    for name in inspect.signature(gp.gluon_prefill_kernel.fn).parameters:
+        sig.setdefault(name, "constexpr")
+    src = GluonASTSource(gp.gluon_prefill_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": cfg["maxnreg"]})
+
+
+def _compile_in_subprocess(skip, **kw):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, __file__, json.dumps({"skip": skip, **kw})], env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["dense", "skip"])
+def test_defaults_compile_for_sm90_without_spills(skip):
+    rc, out, err = _compile_in_subprocess(skip)
+    assert rc == 0, err[-3000:]
+    ptx = out
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert not re.search(r"\b(?:ld|st)\.local", ptx), "registers spilled to local memory"
+
+
+def test_lazy_v_needs_the_overlap_loop():
+    rc, _, err = _compile_in_subprocess(True, prefix=False, overlap=False, lazy_v=2)
+    assert rc != 0 and "lazy V loads need OVERLAP" in err
+
+
+if __name__ == "__main__":  # one compile, PTX to stdout (see _compile_in_subprocess)
+    print(_compile(**json.loads(sys.argv[1])).asm["ptx"])
