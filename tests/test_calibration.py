@@ -405,6 +405,93 @@ def test_bad_layer_curves_fail_clearly(rng, tmp_path, edit, message):
         load_calibration(path)
 
 
+def test_kv_group_curves_allocate_per_group():
+    # 3 layers x 4 heads in 2 KV groups, every head with the same sparsity and mass curves, every
+    # layer with the same curve (KL = mass / 10).
+    grid = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    sparsity = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64).expand(NUM_LAYERS, NUM_HEADS, 3).clone()
+    mass = torch.tensor([0.01, 0.04, 0.09], dtype=torch.float64).expand(NUM_LAYERS, NUM_HEADS, 3).clone()
+    layer_mass = torch.tensor([[0.01, 0.1]] * NUM_LAYERS, dtype=torch.float64)
+    curves = BudgetCurves(grid, sparsity, mass, layer_weight=torch.ones(NUM_LAYERS, dtype=torch.float64),
+                          layer_curve_mass=layer_mass, layer_curve_kl=layer_mass / 10)
+    by_layer = {g: curves.allocation(0.5, g) for g in ("layer-budget", "head-budget")}
+    # Group curves that split each layer's curve evenly (half each) allocate as the layer curves do.
+    curves.group_curve_mass = layer_mass[:, None].expand(NUM_LAYERS, 2, 2).clone()
+    curves.group_curve_kl = curves.group_curve_mass / 20
+    assert curves.has_group_curves
+    for g, alloc in by_layer.items():
+        even = curves.allocation(0.5, g)
+        assert torch.allclose(even.factors, alloc.factors) and even.error == pytest.approx(alloc.error)
+    # Layer 0's group 0 costs 100x, the other groups as before: per head the budget leaves that group
+    # dense; per layer it is layer 0 that is spared (its KL is the sum of its groups').
+    curves.group_curve_kl[0, 0] *= 100
+    heads = curves.allocation(0.5, "head-budget")
+    assert heads.sparsity == pytest.approx(0.5)
+    assert (heads.factors[0, :2] == 0).all() and (heads.factors[0, 2:] > 0).all() and (heads.factors[1:] > 0).all()
+    layers = curves.allocation(0.5, "layer-budget").factors[:, 0]
+    assert layers[0] == layers.min() and layers[0] < layers[1]
+    # A group without a usable point falls back to its layer's curve: 1/num_heads of it per head.
+    curves.group_curve_kl[0, 0] = 0.0
+    share = curves.predicted_group_kl(mass)
+    assert torch.allclose(share[0, :2], layer_kl_curve(mass[0, :2], layer_mass[0], layer_mass[0] / 10) / NUM_HEADS)
+    assert torch.allclose(share[0, 2:], layer_kl_curve(mass[0, 2:], layer_mass[0], layer_mass[0] / 20) / 2)
+
+
+def grouped_calibration(rng) -> Calibration:
+    calib = curved_calibration(rng)
+    for ph in calib.phases.values():
+        ph.budget.group_curve_mass = torch.tensor([[[0.01, 0.1]] * 2, [[0.01, 0.0], [0.0, 0.0]], [[0.02, 0.2]] * 2], dtype=torch.float64)
+        ph.budget.group_curve_kl = torch.tensor([[[1e-3, 1e-2], [1e-4, 3e-2]], [[1e-4, 0.0], [0.0, 0.0]], [[5e-4, 5e-3]] * 2], dtype=torch.float64)
+    return calib
+
+
+def test_kv_group_curves_round_trip_and_version_4_files_load_without(rng, tmp_path):
+    path = tmp_path / "calib.json"
+    calib = grouped_calibration(rng)
+    calib.save(path)
+    data = json.loads(path.read_text())
+    budget = data["phases"]["prefill"]["budget"]
+    assert data["version"] == 5 and budget["group_curve_kl"][1] == [[1e-4, 0.0], [0.0, 0.0]] and "group_curve_meaning" in budget
+    assert load_calibration(path, model_shape=(NUM_LAYERS, NUM_HEADS, 2, 64)) == calib
+    grouped = calib.scale_factors("prefill", 0.5, "head-budget")
+    layered = curved_calibration(rng).phases["prefill"].budget
+    layered.sparsity, layered.error = calib.phases["prefill"].budget.sparsity, calib.phases["prefill"].budget.error
+
+    def to_v4(d):
+        d["version"] = 4
+        for ph in d["phases"].values():
+            for name in ("group_curve_meaning", "group_curve_mass", "group_curve_kl"):
+                ph["budget"].pop(name)
+
+    corrupt(path, to_v4)
+    v4 = load_calibration(path)
+    assert not v4.phases["prefill"].budget.has_group_curves and v4.phases["prefill"].budget.has_curves
+    by_layer = v4.scale_factors("prefill", 0.5, "head-budget")
+    assert torch.equal(by_layer, layered.allocation(0.5, "head-budget").factors) and not torch.equal(by_layer, grouped)
+    v4.save(path)  # without group curves it is written back as version 4
+    assert json.loads(path.read_text())["version"] == 4 and load_calibration(path) == v4
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["phases"]["decode"]["budget"].pop("group_curve_kl"), "missing field 'group_curve_kl'"),
+        (lambda d: d["phases"]["prefill"]["budget"]["group_curve_mass"].pop(), "group_curve_mass must be num_layers x num_kv_heads = 3 x 2"),
+        (lambda d: [row.pop() for row in d["phases"]["prefill"]["budget"]["group_curve_kl"]], "group_curve_kl must be num_layers x num_kv_heads = 3 x 2"),
+        (lambda d: d["phases"]["prefill"]["budget"]["group_curve_kl"][0][0].append(1.0), "group_curve_kl must be num_layers x num_kv_heads lists"),
+        (lambda d: d["phases"]["prefill"]["budget"]["group_curve_kl"][0][0].__setitem__(0, -1.0), "numbers >= 0"),
+        (lambda d: d["phases"]["prefill"]["budget"].update(group_curve_mass="x"), "group_curve_mass must be"),
+        (lambda d: [g.append(1.0) for row in d["phases"]["prefill"]["budget"]["group_curve_mass"] for g in row], "differ in shape"),
+    ],
+)
+def test_bad_kv_group_curves_fail_clearly(rng, tmp_path, edit, message):
+    path = tmp_path / "calib.json"
+    grouped_calibration(rng).save(path)
+    corrupt(path, edit)
+    with pytest.raises(ValueError, match=message):
+        load_calibration(path)
+
+
 def test_version_1_files_load_without_budgets(rng, tmp_path):
     path = tmp_path / "calib.json"
     make_calibration(rng).save(path)
@@ -426,9 +513,9 @@ def test_version_1_files_load_without_budgets(rng, tmp_path):
 
 @pytest.mark.parametrize(
     "name", ["calibration_smollm2.json", "calibration_smollm2_8k.json", "calibration_smollm2_budget4k_cpu.json",
-             "calibration_smollm2_budget4k_sens_cpu.json"]
+             "calibration_smollm2_budget4k_sens_cpu.json", "calibration_smollm2_budget4k_curves2k_cpu.json"]
 )
-def test_committed_version_1_to_3_results_still_load(name):
+def test_committed_version_1_to_4_results_still_load(name):
     path = Path(__file__).parent.parent / "benchmarks" / "results" / name
     if not path.exists():
         pytest.skip(f"{path} not in this checkout")
@@ -479,14 +566,24 @@ def test_capture_keeps_the_model_exact(smollm2):
     assert seen == [(i, (96, 9, 64), (96, 3, 64)) for i in range(30)]
 
 
-def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
+def test_tiny_calibration_of_the_real_model(smollm2, tmp_path, monkeypatch):
+    from blasst_sglang import calibration
     from blasst_sglang.calibration import calibrate
 
     model, tok = smollm2
+    real, seen = calibration.kv_group_sensitivity, {}
+
+    def one_layer(*args, **kwargs):  # the real measurement, on one layer (3 passes)
+        seen.update(kwargs)
+        return real(*args, **{**kwargs, "layers": (10,)})
+
+    monkeypatch.setattr(calibration, "kv_group_sensitivity", one_layer)
     calib = calibrate(
         model, tok, lengths=(256, 512), n_lambdas=10, lambda_range=(1e-4, 0.9), decode_steps=4,
-        sensitivity_length=512, sensitivity_masses=(), model_id="smollm2-test", progress=False,
+        sensitivity_length=512, sensitivity_masses=(), kv_group_curves=True, group_sensitivity_masses=(0.03,),
+        model_id="smollm2-test", progress=False,
     )
+    assert seen["length"] == 512 and seen["curve_masses"] == (0.03,)
     assert (calib.num_layers, calib.num_heads, calib.num_kv_heads, calib.head_dim) == (30, 9, 3, 64)
     for phase in ("prefill", "decode"):
         fit = calib.phases[phase].fit
@@ -515,9 +612,15 @@ def test_tiny_calibration_of_the_real_model(smollm2, tmp_path):
     # So does one set of layer KL curves (here of one point each, at the weights' mass).
     assert calib.phases["prefill"].budget.layer_curve_kl.shape == (30, 1)
     assert calib.phases["decode"].budget.layer_curve_kl is calib.phases["prefill"].budget.layer_curve_kl
+    # And one set of KV group curves: layer 10's three groups measured, the others borrowing the layer curves.
+    group_kl = calib.phases["prefill"].budget.group_curve_kl
+    assert group_kl.shape == (30, 3, 1) and (group_kl[10] > 0).all() and (group_kl[:10] == 0).all()
+    assert calib.phases["decode"].budget.group_curve_kl is group_kl
     calib.save(tmp_path / "c.json")
-    assert json.loads((tmp_path / "c.json").read_text())["version"] == 4
+    assert json.loads((tmp_path / "c.json").read_text())["version"] == 5
     assert load_calibration(tmp_path / "c.json", model_shape=(30, 9, 3, 64)) == calib
+    with pytest.raises(ValueError, match="sensitivity_length"):
+        calibrate(model, tok, lengths=(256,), sensitivity_length=None, kv_group_curves=True)
 
 
 def test_layer_sensitivity_measures_each_layer_near_the_reference_mass(smollm2):
@@ -546,6 +649,29 @@ def test_layer_sensitivity_measures_each_layer_near_the_reference_mass(smollm2):
     assert more.any() and (kl[more, 1] > kl[more, 0]).float().mean() > 0.8, "more mass dropped costs more KL, almost always"
 
 
+def test_kv_group_sensitivity_measures_each_group_near_its_masses(smollm2):
+    from blasst_sglang.calibration import kv_group_sensitivity
+
+    model, tok = smollm2
+    factors = torch.logspace(0, math.log10(400), 8, dtype=torch.float64)
+    out = kv_group_sensitivity(model, tok, factors, length=512, curve_masses=(0.06, 0.02), layers=(5, 20), progress=False)
+    mass, kl, factor = out["curve_mass"], out["curve_kl"], out["curve_factor"]
+    assert mass.shape == kl.shape == factor.shape == (30, 3, 2)  # (layers, KV groups, masses sorted)
+    others = [i for i in range(30) if i not in (5, 20)]
+    assert (mass[others] == 0).all() and (kl[others] == 0).all() and (factor[others] == 0).all()
+    # Measured points: run at a grid factor, within a third of the aim, and costing some KL.
+    measured = mass > 0
+    assert measured[[5, 20]].sum() >= 8 and torch.equal(measured, kl > 0) and torch.equal(measured, factor > 0)
+    assert all(float(f) in factors.tolist() for f in factor[measured])
+    aims = torch.tensor([0.02, 0.06], dtype=torch.float64)
+    assert (mass >= aims / 3)[measured].all()
+    more = measured.all(-1) & (mass[..., 1] > mass[..., 0])
+    assert more.any() and (kl[more][:, 1] > kl[more][:, 0]).float().mean() > 0.8, "more mass dropped costs more KL, almost always"
+    for bad, message in (({"layers": (30,)}, "layers must be in"), ({"curve_masses": ()}, "curve_masses must be")):
+        with pytest.raises(ValueError, match=message):
+            kv_group_sensitivity(model, tok, factors, length=512, progress=False, **bad)
+
+
 def test_suffix_runs_equal_whole_passes(smollm2):
     from blasst_sglang.calibration import _suffix_runner, calibration_windows
     from blasst_sglang.evaluate import next_token_logprobs
@@ -567,4 +693,5 @@ def test_cli_registers_calibrate():
 
     args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--phase", "decode", "--lengths", "512", "1024", "--out", "c.json"])
     assert args.phase == "decode" and args.lengths == [512, 1024] and args.target_sparsity == 0.7 and callable(args.run)
-    assert args.sensitivity_length == 2048
+    assert args.sensitivity_length == 2048 and not args.kv_group_curves
+    assert build_parser().parse_args(["calibrate", "--model", "smollm2", "--kv-group-curves", "--out", "c.json"]).kv_group_curves
