@@ -276,6 +276,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--phase", choices=["prefill", "decode", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    ap.add_argument("--lengths", default=None, help="prefill lengths, comma-separated (default 16384,32768,65536)")
+    ap.add_argument("--no-ragged", action="store_true", help="skip the ragged prefill batch")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     info = env_info()
@@ -287,6 +289,8 @@ def main():
             result["checks"][f"prefill_d{dd}"] = check_prefill(hq, hkv, dd)
             print("check prefill", dd, result["checks"][f"prefill_d{dd}"], flush=True)
         lengths = (8192, 16384) if args.quick else (16384, 32768, 65536)
+        if args.lengths:
+            lengths = tuple(int(x) for x in args.lengths.split(","))
         for n in lengths:
             for label, (h, hk) in (("GQA 32/8", (32, 8)), ("MHA 32/32", (32, 32))):
                 if label.startswith("MHA") and (args.quick or n > 32768):
@@ -296,7 +300,7 @@ def main():
                 except Exception:
                     traceback.print_exc()
                 print(f"prefill {n} {label} done", flush=True)
-        if not args.quick:
+        if not (args.quick or args.no_ragged):
             result["rows"] += prefill_rows([8192, 4096, 2048, 1024, 1024], hq, hkv, d, "ragged GQA 32/8")
     if args.phase in ("decode", "all"):
         result["checks"]["decode_d128"] = check_decode(hq, hkv, d)

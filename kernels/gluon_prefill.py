@@ -86,7 +86,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     K_j, so the release of K_j is also "decided". Order: K_i, then tile i-1's decisions are read and
     V_{i-1}, if deferred, is loaded (or, when both skipped it, ``ready_v`` is completed with no
     bytes); ``LAZY == 2`` predicts: after a kept tile V_i is issued at once (skipped tiles come in
-    runs), ``LAZY == 1`` defers every V.
+    runs), ``LAZY == 1`` defers every V. Either way the V of a tile that is never skipped (a
+    diagonal tile of either half) is issued at once: deferring it would only add its latency.
 
     Protocol invariant: each consumer has its own ``empty`` barriers (count 1, one arrival per
     use of a stage) and releases a stage only after waiting for that use's ``ready`` barriers,
@@ -103,6 +104,7 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     if LAZY:
         words: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
         v_sent = gl.to_tensor(False)  # V of tile i-1 already issued (predicted kept)
+        diag_lo = n_pre + (pid_m * (2 * HALF) + 1) // BLOCK_N  # first tile on the lower half's diagonal
         for i in range(n_pre + n_tiles + 1):
             s = i % NUM_STAGES
             ph = (i // NUM_STAGES) & 1
@@ -131,15 +133,16 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                     else:  # nobody reads V_j: complete its phase with no bytes
                         mbarrier.arrive(ready_v.index(sj))
             v_sent = gl.to_tensor(False)
-            if LAZY == 2:
-                if i < n_pre + n_tiles:
-                    if keep_prev:
-                        mbarrier.wait(empty_v0.index(s), ph ^ 1)
-                        mbarrier.wait(empty_v1.index(s), ph ^ 1)
-                        mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-                        _load_tile(v_desc, vp_desc, i, n_pre, q_start, kv_start, kv_col, ready_v.index(s),
-                                   v_smem.index(s), BLOCK_N)
-                        v_sent = gl.to_tensor(True)
+            if LAZY != 2:
+                keep_prev = i < 0  # no prediction
+            if i < n_pre + n_tiles:
+                if keep_prev or i >= diag_lo:
+                    mbarrier.wait(empty_v0.index(s), ph ^ 1)
+                    mbarrier.wait(empty_v1.index(s), ph ^ 1)
+                    mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
+                    _load_tile(v_desc, vp_desc, i, n_pre, q_start, kv_start, kv_col, ready_v.index(s),
+                               v_smem.index(s), BLOCK_N)
+                    v_sent = gl.to_tensor(True)
     elif V_EARLY:
         for i in range(n_pre + n_tiles):
             s = i % NUM_STAGES
@@ -669,24 +672,30 @@ def make_descriptors(q, k, v, block_n: int):
 
 
 # Launch defaults per mode, measured on an H100 (GQA 32/8, d=128, bf16 causal; every variant checked
-# against the reference in the same run; results/experiments/gluon_H100/gluon_v7_exp2_fma.txt):
-# overlap + V issued early + per-warp vote ("e2+ov") for dense, 619-643 TF/s at 16K-64K. Skip mode
-# adds lazy V loads (lazy_v=2, "p2+ov"): at 64K 886 / 982 TF/s at ~69 / 83 % skipped against
-# 831 / 907 for e2+ov, within ±4 % of it at 16K-32K, and the same at ~0 % (0.93-0.98x of dense).
-# SPEC (exps before the vote is read) costs nothing at ~0 % but 10-20 % where much is skipped.
+# against the reference in the same run; results/experiments/gluon_H100/gluon_v7_exp2_fma.txt and
+# gluon_v8_diag_eager.txt): overlap + V issued early + per-warp vote ("e2+ov"), dense 599-643 TF/s
+# at 16K-64K. Lazy V loads (lazy_v=2, "p2+ov") pay off only once K and V stream from HBM: at 64K
+# keys 886 / 982 TF/s at ~69 / 83 % skipped against 831 / 907 for e2+ov, but 3-5 % behind it at
+# 16K-32K and level on a ragged 8K+4K+2K+1K+1K batch; so skip mode turns them on from
+# LAZY_V_MIN_KEYS keys (between the measured 32K and 64K). SPEC (exps before the vote is read)
+# costs nothing at ~0 % but 10-20 % where much is skipped.
 DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
-SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=2)
+SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
+LAZY_V_MIN_KEYS = 49152
 _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "lazy_v", "zero_tail_v", "consumer_regs",
                 "producer_regs", "maxnreg")
 
 
-def launch_config(skip: bool, **tuning) -> dict:
-    """The tuning a launch uses: the mode's defaults, overridden by ``tuning``."""
+def launch_config(skip: bool, max_keys: int = 0, **tuning) -> dict:
+    """The tuning a launch uses: the mode's defaults (skip mode with lazy V loads when a sequence
+    may see ``max_keys >= LAZY_V_MIN_KEYS`` keys), overridden by ``tuning``."""
     unknown = set(tuning) - set(_TUNING_KEYS)
     if unknown:
         raise TypeError(f"gluon_prefill: unknown tuning keys {sorted(unknown)}")
-    cfg = dict(lazy_v=0, zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
+    cfg = dict(zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
     cfg.update(SKIP_DEFAULTS if skip else DENSE_DEFAULTS)
+    if skip and max_keys >= LAZY_V_MIN_KEYS:
+        cfg["lazy_v"] = 2
     cfg.update(tuning)
     return cfg
 
@@ -712,8 +721,8 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         k_prefix, v_prefix, kv_indptr: optional cached prefixes, gathered: ``(P, Hkv, D)`` contiguous
             (rows ``kv_indptr[b]:kv_indptr[b+1]`` are sequence ``b``'s prefix, which new token ``i``
             sees whole, before keys ``0..i`` of its own new tokens) and ``(B + 1,)`` int32/int64.
-        tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` (callers normally pass
-            none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
+        tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` and the length rule of
+            :func:`launch_config` (callers normally pass none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
             ``v_early`` (producer issues V_j right after K_j), ``kv_bar`` (one empty barrier per stage
             for K and V; plain loop only), ``vote`` (0: ``gl.max`` decision, 1: per-warp vote through
             shared memory, one named barrier), ``spec`` (0/False: decide, then exps of kept tiles
@@ -737,9 +746,10 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     if batch == 0 or max_extend_len <= 0:
         return
     skip = scale is not None
-    cfg = launch_config(skip, **tuning)
-    q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
     has_prefix = k_prefix is not None and k_prefix.shape[0] > 0
+    # Keys a sequence may see, without a device sync: all cached prefix rows count (exact at batch 1).
+    cfg = launch_config(skip, max_extend_len + (k_prefix.shape[0] if has_prefix else 0), **tuning)
+    q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
     if has_prefix:
         assert cfg["overlap"] and cfg["v_early"], "a cached prefix needs overlap and v_early"
         assert k_prefix.is_contiguous() and v_prefix.is_contiguous() and k_prefix.shape == v_prefix.shape

@@ -20,8 +20,10 @@ triton = pytest.importorskip("triton")
 
 
 def test_launch_config_defaults_and_overrides():
-    assert gp.launch_config(False)["lazy_v"] == 0  # dense mode loads every V tile
-    assert gp.launch_config(True)["lazy_v"] == 2
+    assert gp.launch_config(False, 1 << 20)["lazy_v"] == 0  # dense mode loads every V tile
+    assert gp.launch_config(True, gp.LAZY_V_MIN_KEYS - 1)["lazy_v"] == 0
+    assert gp.launch_config(True, gp.LAZY_V_MIN_KEYS)["lazy_v"] == 2  # long sequences: V only for kept tiles
+    assert gp.launch_config(True, 1 << 20, lazy_v=0)["lazy_v"] == 0
     assert gp.launch_config(True, lazy_v=0, num_stages=3)["num_stages"] == 3
     with pytest.raises(TypeError, match="lazy"):
         gp.launch_config(True, lazy=1)
@@ -32,7 +34,7 @@ def _compile(skip, prefix=True, **tuning):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = gp.launch_config(skip, **tuning)
+    cfg = gp.launch_config(skip, 1 << 20, **tuning)
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)

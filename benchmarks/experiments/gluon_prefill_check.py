@@ -203,9 +203,13 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
                  block_n=128, targets=(0.7, 0.9), with_zero=True):
     from bench_kernels import bisect_factor  # after _import_kernels: it imports blasst_kernels
 
+    lens = list(L) if isinstance(L, (list, tuple)) else [L]  # a ragged batch, or one sequence
+    L = max(lens)
     tag = "" if (hq, hkv, d, block_n) == (32, 8, 128, 128) else f"[{hq}/{hkv} d{d} bn{block_n}] "
-    flops = 2 * 2 * hq * d * L * L / 2
-    sets = [make_inputs(torch, synthetic_qkv, [L], hq, hkv, d, torch.bfloat16, sharpness=sharpness, seed=100 * i)
+    if len(lens) > 1:
+        tag += f"[{'+'.join(map(str, lens))}] "
+    flops = sum(2 * 2 * hq * d * n * n / 2 for n in lens)
+    sets = [make_inputs(torch, synthetic_qkv, lens, hq, hkv, d, torch.bfloat16, sharpness=sharpness, seed=100 * i)
             for i in range(3)]
     outs = [torch.empty_like(s[0]) for s in sets]
     rows = []
@@ -313,7 +317,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--d64-variants", default="default",
                     help="variants checked and timed at d=64 (block_n=64): SmolLM2's shape 9/3 and 32/8; '' for none")
-    ap.add_argument("--lengths", default=None, help="timed lengths, comma-separated (default 16384,32768; --quick 16384)")
+    ap.add_argument("--lengths", default=None, help="timed lengths, comma-separated, '+' joins a ragged batch "
+                    "(default 16384,32768; --quick 16384)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args()
     if args.compile_only:
@@ -376,7 +381,8 @@ def main():
     rows = []
     if not args.no_bench:
         print("== speed (batch 1, Hq=32, Hkv=8, d=128 bf16 causal; 3 input sets rotated)", flush=True)
-        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [16384] if args.quick else [16384, 32768]
+        lengths = ([[int(n) for n in x.split("+")] for x in args.lengths.split(",")] if args.lengths
+                   else [16384] if args.quick else [16384, 32768])
         for L in lengths:
             try:
                 rows += bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants)
