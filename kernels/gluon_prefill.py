@@ -687,16 +687,18 @@ _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "l
 
 
 def launch_config(skip: bool, max_keys: int = 0, **tuning) -> dict:
-    """The tuning a launch uses: the mode's defaults (skip mode with lazy V loads when a sequence
-    may see ``max_keys >= LAZY_V_MIN_KEYS`` keys), overridden by ``tuning``."""
+    """The tuning a launch uses: the mode's defaults overridden by ``tuning``; in skip mode, unless
+    ``tuning`` sets ``lazy_v``, lazy V loads when a sequence may see ``max_keys >= LAZY_V_MIN_KEYS``
+    keys and the loop supports them (overlap, vote=1)."""
     unknown = set(tuning) - set(_TUNING_KEYS)
     if unknown:
         raise TypeError(f"gluon_prefill: unknown tuning keys {sorted(unknown)}")
     cfg = dict(zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
     cfg.update(SKIP_DEFAULTS if skip else DENSE_DEFAULTS)
-    if skip and max_keys >= LAZY_V_MIN_KEYS:
-        cfg["lazy_v"] = 2
     cfg.update(tuning)
+    if (skip and "lazy_v" not in tuning and cfg["overlap"] and cfg["vote"] == 1
+            and max_keys >= LAZY_V_MIN_KEYS):
+        cfg["lazy_v"] = 2
     return cfg
 
 

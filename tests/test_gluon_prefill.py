@@ -25,6 +25,7 @@ def test_launch_config_defaults_and_overrides():
     assert gp.launch_config(True, gp.LAZY_V_MIN_KEYS)["lazy_v"] == 2  # long sequences: V only for kept tiles
     assert gp.launch_config(True, 1 << 20, lazy_v=0)["lazy_v"] == 0
     assert gp.launch_config(True, lazy_v=0, num_stages=3)["num_stages"] == 3
+    assert gp.launch_config(True, 1 << 20, overlap=False)["lazy_v"] == 0  # the plain loop has no lazy V
     with pytest.raises(TypeError, match="lazy"):
         gp.launch_config(True, lazy=1)
 

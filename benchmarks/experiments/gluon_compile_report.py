@@ -44,18 +44,19 @@ def load_kernel_module():
 # "s*": the first measured protocol; "e*": V issued right after K, one K+V empty barrier per stage
 # (plain loop), per-warp vote (one named barrier); "+ov": FA3 intra-warpgroup overlap; "s" suffix on
 # e-variants: exps computed before the decision is read (speculative softmax); "a" suffix: adaptive
-# speculation (spec=2: exps first only while the warpgroup's previous decision was "keep").
+# speculation (spec=2: exps first only while the warpgroup's previous decision was "keep"). The
+# overlap variants pin lazy_v (the launcher's default turns it on from LAZY_V_MIN_KEYS keys).
 VARIANTS = {
     "s2": dict(num_stages=2, overlap=False),
-    "s3+ov": dict(num_stages=3, overlap=True),
+    "s3+ov": dict(num_stages=3, overlap=True, lazy_v=0),
     "e2": dict(num_stages=2, overlap=False, v_early=True, kv_bar=True, vote=1),
     "e2s": dict(num_stages=2, overlap=False, v_early=True, kv_bar=True, vote=1, spec=True),
     "e2a": dict(num_stages=2, overlap=False, v_early=True, kv_bar=True, vote=1, spec=2),
     "e3": dict(num_stages=3, overlap=False, v_early=True, kv_bar=True, vote=1),
-    "e2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1),
-    "e3+ov": dict(num_stages=3, overlap=True, v_early=True, vote=1),
-    "e2s+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=True),
-    "e2a+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=2),
+    "e2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, lazy_v=0),
+    "e3+ov": dict(num_stages=3, overlap=True, v_early=True, vote=1, lazy_v=0),
+    "e2s+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=True, lazy_v=0),
+    "e2a+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=2, lazy_v=0),
     # lazy V (skip mode): 1 = V_j loaded once a warpgroup kept tile j; 2 = predicted (after a kept tile)
     "l2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, lazy_v=1),
     "p2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, lazy_v=2),
