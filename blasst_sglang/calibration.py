@@ -101,10 +101,11 @@ ERROR_PROXY = "mean over query rows of the dense softmax mass in skipped tiles"
 LAYER_WEIGHT = "KL(dense || blasst) of the final logits per unit of error proxy, only that layer sparse"
 #: :func:`layer_sensitivity` measures each layer at the grid factor whose skipped mass is nearest this.
 SENSITIVITY_MASS = 1e-2
-#: ... and at those nearest these: the points of each layer's KL curve (:func:`layer_kl_curve`).
-SENSITIVITY_MASSES = (3e-3, 1e-2, 3e-2, 1e-1)
-#: ... and each KV group's (:func:`kv_group_sensitivity`), with a point at 0.3 for high targets.
-GROUP_SENSITIVITY_MASSES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+#: ... and at those nearest these: the points of each layer's KL curve (:func:`layer_kl_curve`); the
+#: 0.3 point spares a 70 % target extrapolating (it spends up to 0.3 mass in a layer).
+SENSITIVITY_MASSES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+#: ... and each KV group's (:func:`kv_group_sensitivity`).
+GROUP_SENSITIVITY_MASSES = SENSITIVITY_MASSES
 #: What :attr:`BudgetCurves.layer_curve_kl` measures (written to the JSON for readers).
 LAYER_CURVE = "KL(dense || blasst) of the final logits with only that layer sparse, at the layer's mean skipped mass per row"
 #: What :attr:`BudgetCurves.group_curve_kl` measures (written to the JSON for readers).
@@ -1377,7 +1378,8 @@ def _run_calibrate(args) -> int:
         model, tok, target_sparsity=args.target_sparsity, phase=args.phase, lengths=args.lengths,
         texts_per_length=args.texts, n_lambdas=args.n_lambdas, lambda_range=(args.lambda_min, args.lambda_max), block_m=args.block_m, block_n=args.block_n,
         decode_block_n=args.decode_block_n, decode_splits=args.decode_splits, decode_steps=args.decode_steps,
-        sensitivity_length=args.sensitivity_length or None, kv_group_curves=args.kv_group_curves, model_id=model_id,
+        sensitivity_length=args.sensitivity_length or None, sensitivity_masses=args.sensitivity_masses,
+        kv_group_curves=args.kv_group_curves, group_sensitivity_masses=args.sensitivity_masses, model_id=model_id,
     )
     calib.save(args.out)
     plot_calibration(calib, Path(args.out).with_suffix(".png"))
@@ -1416,8 +1418,12 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--decode-steps", type=int, default=16, help="last positions of each text measured as decode steps")
     p.add_argument("--sensitivity-length", type=int, default=2048,
                    help="tokens of the window on which each layer's KL curve (what the budget allocation minimises) is measured; 0: none (default 2048)")
+    p.add_argument("--sensitivity-masses", type=float, nargs="+", default=list(SENSITIVITY_MASSES),
+                   help="skipped softmax masses at which each layer's (and KV group's) KL curve is measured "
+                        f"(default {' '.join(f'{m:g}' for m in SENSITIVITY_MASSES)})")
     p.add_argument("--kv-group-curves", action="store_true",
-                   help="also measure each KV group's KL curve (masses 3e-3 to 0.3) on that window, and allocate the budget on them "
-                        "(about 3x the layer curves' passes: ~25 more minutes for SmolLM2 on 2 CPU cores)")
+                   help="also measure each KV group's KL curve on that window and allocate the budget on them (version 5 file; "
+                        "about 3x the layer curves' passes, ~20 more minutes for SmolLM2 on 2 CPU cores; measured no better "
+                        "than the layer curves, see benchmarks/NOTES.md)")
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.set_defaults(run=_run_calibrate)

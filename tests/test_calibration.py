@@ -694,4 +694,6 @@ def test_cli_registers_calibrate():
     args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--phase", "decode", "--lengths", "512", "1024", "--out", "c.json"])
     assert args.phase == "decode" and args.lengths == [512, 1024] and args.target_sparsity == 0.7 and callable(args.run)
     assert args.sensitivity_length == 2048 and not args.kv_group_curves
-    assert build_parser().parse_args(["calibrate", "--model", "smollm2", "--kv-group-curves", "--out", "c.json"]).kv_group_curves
+    assert args.sensitivity_masses == [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # up to 0.3: a 70 % target does not extrapolate
+    args = build_parser().parse_args(["calibrate", "--model", "smollm2", "--kv-group-curves", "--sensitivity-masses", "0.01", "0.1", "--out", "c.json"])
+    assert args.kv_group_curves and args.sensitivity_masses == [0.01, 0.1]

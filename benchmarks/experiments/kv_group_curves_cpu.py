@@ -53,6 +53,9 @@ def build(args):
     raw = json.load(open(args.curves))
     keep = [i for i, m in enumerate(raw["group_masses"]) if args.max_group_mass is None or m <= args.max_group_mass]
     point = {k: torch.tensor(v, dtype=torch.float64)[:, None] for k, v in raw["layer_point_0.3"].items()}
+    # A layer that cannot drop 0.1 got layer_sensitivity's stand-in point (factor 0): not a measurement.
+    unmeasured = point["factor"] == 0
+    point = {k: v.masked_fill(unmeasured, 0.0) for k, v in point.items()}
     group = {k: torch.tensor(raw["group_curves"][k], dtype=torch.float64)[..., keep] for k in ("mass", "kl")}
     calib = load_calibration(args.calibration)
     for ph in calib.phases.values():
