@@ -513,9 +513,10 @@ def test_version_1_files_load_without_budgets(rng, tmp_path):
 
 @pytest.mark.parametrize(
     "name", ["calibration_smollm2.json", "calibration_smollm2_8k.json", "calibration_smollm2_budget4k_cpu.json",
-             "calibration_smollm2_budget4k_sens_cpu.json", "calibration_smollm2_budget4k_curves2k_cpu.json"]
+             "calibration_smollm2_budget4k_sens_cpu.json", "calibration_smollm2_budget4k_curves2k_cpu.json",
+             "calibration_smollm2_budget4k_groupcurves_cpu.json"]
 )
-def test_committed_version_1_to_4_results_still_load(name):
+def test_committed_version_1_to_5_results_still_load(name):
     path = Path(__file__).parent.parent / "benchmarks" / "results" / name
     if not path.exists():
         pytest.skip(f"{path} not in this checkout")
