@@ -332,6 +332,27 @@ def allocate_budget(factors: torch.Tensor, sparsity: torch.Tensor, error: torch.
     return out[:, 0], out[:, 1], out[:, 2]
 
 
+def _curve_pair(d, names, lead, lead_names, lead_values, carried_by, where):
+    """Parse a (mass, KL) pair of curve fields of ``d``: float64 tensors of shape ``lead + (points,)``,
+    ``points >= 1``, numbers ``>= 0``, both of one shape. ``lead_names`` / ``lead_values`` word the
+    leading dimensions in errors, ``carried_by`` says which files have the fields."""
+    out = []
+    for name in names:
+        if name not in d:
+            raise ValueError(f"{where}: missing field {name!r} ({carried_by})")
+        try:
+            t = torch.tensor(d[name], dtype=torch.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}.{name} must be {lead_names} lists of numbers of one length ({exc})") from None
+        if t.dim() != len(lead) + 1 or tuple(t.shape[:-1]) != tuple(lead) or t.shape[-1] == 0 or not bool((t >= 0).all()):
+            raise ValueError(f"{where}.{name} must be {lead_values} equal-length lists of numbers >= 0, "
+                             f"got shape {tuple(t.shape)}")
+        out.append(t)
+    if out[0].shape != out[1].shape:
+        raise ValueError(f"{where}: {names[0]} and {names[1]} differ in shape: {tuple(out[0].shape)} vs {tuple(out[1].shape)}")
+    return out
+
+
 @dataclass(eq=False)
 class BudgetCurves:
     """Sparsity and error proxy of every (layer, query head) at one grid of factors (pooled over runs).
@@ -512,34 +533,15 @@ class BudgetCurves:
                 raise ValueError(f"{where}.layer_weight must be num_layers={num_layers} numbers >= 0, got shape {tuple(weight.shape)}")
         curve = [None, None]
         if with_curves:
-            for i, name in enumerate(("layer_curve_mass", "layer_curve_kl")):
-                if name not in d:
-                    raise ValueError(f"{where}: missing field {name!r} (version 4 files have layer KL curves)")
-                try:
-                    curve[i] = torch.tensor(d[name], dtype=torch.float64)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{where}.{name} must be num_layers lists of numbers of one length ({exc})") from None
-                if curve[i].dim() != 2 or curve[i].shape[0] != num_layers or curve[i].shape[1] == 0 or not bool((curve[i] >= 0).all()):
-                    raise ValueError(f"{where}.{name} must be num_layers={num_layers} equal-length lists of numbers >= 0, got shape {tuple(curve[i].shape)}")
-            if curve[0].shape != curve[1].shape:
-                raise ValueError(f"{where}: layer_curve_mass and layer_curve_kl differ in shape: {tuple(curve[0].shape)} vs {tuple(curve[1].shape)}")
+            curve = _curve_pair(d, ("layer_curve_mass", "layer_curve_kl"), (num_layers,), "num_layers",
+                                f"num_layers={num_layers}", "version 4 files have layer KL curves", where)
             if not bool(((curve[0] > 0) & (curve[1] > 0)).any(1).all()):
                 raise ValueError(f"{where}: every layer's curve needs a point with mass > 0 and KL > 0")
         groups = [None, None]
         if num_kv_heads is not None:
-            for i, name in enumerate(("group_curve_mass", "group_curve_kl")):
-                if name not in d:
-                    raise ValueError(f"{where}: missing field {name!r} (version 5 files have KV group KL curves)")
-                try:
-                    groups[i] = torch.tensor(d[name], dtype=torch.float64)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{where}.{name} must be num_layers x num_kv_heads lists of numbers of one length ({exc})") from None
-                t = groups[i]
-                if t.dim() != 3 or tuple(t.shape[:2]) != (num_layers, num_kv_heads) or t.shape[2] == 0 or not bool((t >= 0).all()):
-                    raise ValueError(f"{where}.{name} must be num_layers x num_kv_heads = {num_layers} x {num_kv_heads} "
-                                     f"equal-length lists of numbers >= 0, got shape {tuple(t.shape)}")
-            if groups[0].shape != groups[1].shape:
-                raise ValueError(f"{where}: group_curve_mass and group_curve_kl differ in shape: {tuple(groups[0].shape)} vs {tuple(groups[1].shape)}")
+            groups = _curve_pair(d, ("group_curve_mass", "group_curve_kl"), (num_layers, num_kv_heads),
+                                 "num_layers x num_kv_heads", f"num_layers x num_kv_heads = {num_layers} x {num_kv_heads}",
+                                 "version 5 files have KV group KL curves", where)
         return cls(factors, sparsity, error, group, weight, curve[0], curve[1], groups[0], groups[1])
 
 
