@@ -344,19 +344,20 @@ def prefill_attention(
 
 
 def default_num_kv_splits(
-    kv_indptr: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 16, min_tiles_per_split: int = 4
+    kv_indptr: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 16, min_tiles_per_split: int = 4,
+    programs_per_sm: int = 4,
 ) -> torch.Tensor:
     """KV splits per request, on device and without a sync (CUDA-graph safe).
 
-    Enough splits to give every SM a few programs, never more than ``max_kv_splits`` or than one
-    split per ``min_tiles_per_split`` tiles.
+    Enough splits to give every SM ``programs_per_sm`` programs, never more than ``max_kv_splits``
+    or than one split per ``min_tiles_per_split`` tiles.
     """
     batch = kv_indptr.shape[0] - 1
     if kv_indptr.device.type == "cuda":
         sms = torch.cuda.get_device_properties(kv_indptr.device).multi_processor_count
     else:
         sms = 132
-    wanted = max(1, min(max_kv_splits, -(-4 * sms // max(batch * kv_heads, 1))))
+    wanted = max(1, min(max_kv_splits, -(-programs_per_sm * sms // max(batch * kv_heads, 1))))
     kv_lens = kv_indptr[1:] - kv_indptr[:-1]
     by_len = (kv_lens + min_tiles_per_split * block_n - 1) // (min_tiles_per_split * block_n)
     return by_len.clamp(min=1, max=wanted).to(torch.int32)

@@ -5,7 +5,8 @@ float64 by default. Its rule, for every (row set, key tile) the kernel would vis
 
 1. ``S = Q Kᵀ · sm_scale`` over the tile's visible keys; ``m̃`` = each row's max over the tile.
 2. The tile is *skipped* when it is not the first visited tile, it does not overlap the causal
-   diagonal, and every valid row has ``m̃ − m < ln λ`` with ``m`` the running max before the tile.
+   diagonal, and every valid row has ``m̃ − m < ln λ`` with ``m`` the running max before the tile
+   (decode splits after the first: ``m`` also counts the row's max over the sequence's first tile).
    A new-token tile ``[e0, e0 + block_n)`` overlaps the diagonal of the query block whose first
    row is new token ``i0`` when ``e0 + block_n − 1 > i0`` (nominal extent, padding included);
    prefix tiles and decode tiles never do.
@@ -19,7 +20,12 @@ Row sets are what one kernel program decides for together:
 Key tiles for extend are the cached prefix cut into ``block_n`` tiles from position 0, followed
 by the new tokens cut into ``block_n`` tiles from the first new token (the kernels read the two
 from different buffers). Decode tiles are ``block_n`` aligned positions; a KV split is a whole
-number of tiles and each split starts its own online softmax (so its first tile is never skipped).
+number of tiles and each split runs its own online softmax. A split after the first starts its skip
+decisions from the row's max over tile 0 (the sequence's first tile, where attention sinks live)
+instead of from nothing: the running max a single pass would have is at least that, so splitting
+the keys skips a subset of what one pass skips, and about as much (a split's first tile was
+otherwise never skipped and its maxima stayed low). Such a split may skip all its tiles; it then
+adds nothing to the merge.
 
 Tile states use :class:`TileState`: ``UNVISITED`` (causally masked, or past the end), ``COMPUTED``,
 ``SKIPPED``.
@@ -93,6 +99,7 @@ def _blocked_online_softmax(
     skip_override: Optional[torch.Tensor],
     with_output: bool = True,
     with_tile_lse: bool = False,
+    seed_max: Optional[torch.Tensor] = None,
 ):
     """The BLASST loop over key tiles, vectorised over row sets.
 
@@ -108,6 +115,9 @@ def _blocked_online_softmax(
             several thresholds in one pass (only with ``with_output=False``).
         skip_override: optional ``(R, T)`` bool: replay these decisions instead of the rule.
         with_tile_lse: also return every row's log-sum-exp of its scores in every tile.
+        seed_max: optional ``(R, M)`` scores the skip decisions count as already seen (``-inf``: none):
+            a tile is evaluated against ``max(m, seed)``, and a row set with a finite seed may skip
+            its first tile.
 
     Returns:
         ``acc (R, M, Dv), m (R, M), l (R, M)`` (``None`` without output), tile_state ``(*lead, R, T)``,
@@ -122,6 +132,11 @@ def _blocked_online_softmax(
     l_i = torch.zeros(R, M, dtype=acc_dtype, device=dev) if with_output else None
     acc = torch.zeros(R, M, v_heads.shape[-1], dtype=acc_dtype, device=dev) if with_output else None
     started = torch.zeros(lead + (R,), dtype=torch.bool, device=dev)
+    seen_max = m_i
+    if seed_max is not None:
+        seed_max = seed_max.to(acc_dtype)
+        seen_max = torch.maximum(m_i, seed_max)
+        started = started | torch.isfinite(seed_max).any(dim=-1)
     tile_state = torch.zeros(lead + (R, T), dtype=torch.int8, device=dev)
     margin = torch.full(lead + (R, T), math.nan, dtype=torch.float32, device=dev)
     tile_lse = torch.full((R, M, T), -math.inf, dtype=acc_dtype, device=dev) if with_tile_lse else None
@@ -141,7 +156,7 @@ def _blocked_online_softmax(
         if with_tile_lse:
             tile_lse[..., t] = torch.logsumexp(s, dim=-1)
         has_keys = visible.any(dim=-1)
-        excess = torch.where(has_keys & row_valid, m_tile - m_i - log_lam, torch.full_like(m_i, -math.inf))
+        excess = torch.where(has_keys & row_valid, m_tile - seen_max - log_lam, torch.full_like(m_i, -math.inf))
         row_margin = excess.amax(dim=-1)  # (*lead, R)
         evaluated = visited & tile_full[:, t] & started
         skip = evaluated & (row_margin < 0)
@@ -154,6 +169,7 @@ def _blocked_online_softmax(
         update = visited & ~skip  # (*lead, R)
         started = started | visited
         m_new = torch.where(update[..., None], torch.maximum(m_i, m_tile), m_i)
+        seen_max = m_new if seed_max is None else torch.maximum(m_new, seed_max)
         if with_output:
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - m_safe[:, :, None])  # masked entries: exp(-inf) = 0
@@ -360,6 +376,17 @@ def _decode_row_sets(q, k, num_splits, block_n, compute_dtype):
     return q_rs, row_args, ns, tps, -(-L // block_n)
 
 
+def _decode_seed(q_rs: torch.Tensor, k: torch.Tensor, ns: int, block_n: int, sm_scale: float) -> torch.Tensor:
+    """``(Hkv·ns, G)`` each decode row set's ``seed_max``: the row's max score over tile 0 for
+    splits after the first, ``-inf`` for the first (which visits tile 0 itself)."""
+    Hkv = k.shape[1]
+    k0 = k[:block_n].permute(1, 0, 2).to(q_rs.dtype)  # (Hkv, n0, Dk)
+    q_h = q_rs.view(Hkv, ns, *q_rs.shape[1:])
+    seed = torch.einsum("hsgd,hnd->hsgn", q_h, k0).amax(-1) * sm_scale
+    seed[:, 0] = -math.inf
+    return seed.reshape(Hkv * ns, -1)
+
+
 def decode_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -375,8 +402,8 @@ def decode_reference(
     """BLASST decode attention of one request (one new token), split-KV.
 
     All query heads of a KV group decide together: a tile is skipped only when it is negligible for
-    every head of the group. Each split runs its own online softmax; the splits are merged by
-    log-sum-exp.
+    every head of the group. Each split runs its own online softmax, its decisions seeded with tile
+    0's scores after the first split (see the module doc); the splits are merged by log-sum-exp.
 
     Args:
         q: ``(Hq, Dk)`` the new token's queries.
@@ -406,7 +433,8 @@ def decode_reference(
         padded[:, :nt] = skip_override.to(dev)
         override = padded.view(Hkv * ns, tps)
     acc, m_i, l_i, state, margin, _ = _blocked_online_softmax(
-        q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), *row_args, lam_rs, sm_scale, override
+        q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), *row_args, lam_rs, sm_scale, override,
+        seed_max=_decode_seed(q_rs, k, ns, block_n, sm_scale),
     )
     # Merge the splits of each KV head by log-sum-exp.
     out_s, lse_s = _finish(acc, m_i, l_i)
@@ -436,8 +464,8 @@ def decode_skip_sweep(
 ):
     """Decode skip maps of one request for many thresholds in one pass (no output computed).
 
-    Same rule as :func:`decode_reference`: the query heads of a KV group decide together and the
-    first tile of every KV split is always computed.
+    Same rule as :func:`decode_reference`: the query heads of a KV group decide together, and splits
+    after the first start their decisions from tile 0's scores.
 
     Args:
         q: ``(Hq, Dk)`` the new token's queries; k: ``(L, Hkv, Dk)`` keys of the whole context.
@@ -461,7 +489,7 @@ def decode_skip_sweep(
     k_heads = k.permute(1, 0, 2)
     _, _, _, state, _, tile_lse = _blocked_online_softmax(
         q_rs, k_heads, k_heads, *row_args, lam_rs, sm_scale, None, with_output=False,
-        with_tile_lse=return_skipped_mass,
+        with_tile_lse=return_skipped_mass, seed_max=_decode_seed(q_rs, k, ns, block_n, sm_scale),
     )
     state = state.view(-1, Hkv, ns * tps)
     if not return_skipped_mass:

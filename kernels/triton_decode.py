@@ -5,7 +5,8 @@ group as the rows of one ``tl.dot`` (a KV tile is loaded once for the whole grou
 ``S = QKᵀ`` the tile is skipped when every head of the group has ``m̃ − m < log2 λ``: then its V
 rows are never read. Decode is memory-bound, so the skip is a predicate on the V load rather than
 a branch (a branch would stop the compiler from pipelining the K loads). Each split keeps its own
-online softmax, so its first tile is never skipped.
+online softmax; a split after the first counts tile 0's scores (the sinks) as seen, so it decides
+about as a single pass over the keys would, and may skip every tile (it then stores lse = −inf).
 Stage 2: merge the splits of each query head by log-sum-exp.
 """
 
@@ -15,6 +16,23 @@ import triton
 import triton.language as tl
 
 from .triton_prefill import _log2_lambda
+
+
+@triton.jit
+def _scores(q, q_pe, K, idx_ptr, start, hi, stride_bkt, qk_scale,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr):
+    """The tile at ``start``: ``(BLOCK_H, BLOCK_N)`` float32 scores (log2 units, −inf past ``hi``)
+    and its ``(BLOCK_N,)`` int64 token slots."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+    k = tl.load(K + rows[None, :] * stride_bkt + tl.arange(0, BLOCK_D)[:, None], mask=n_ok[None, :], other=0.0)
+    qk = tl.dot(q, k)
+    if BLOCK_DPE > 0:
+        offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+        k_pe = tl.load(K + rows[None, :] * stride_bkt + offs_pe[:, None], mask=n_ok[None, :], other=0.0)
+        qk += tl.dot(q_pe, k_pe)
+    return tl.where(n_ok[None, :], qk * qk_scale, float("-inf")), rows
 
 
 @triton.jit
@@ -60,37 +78,39 @@ def decode_split_kernel(
     K = K_buf + kv_head * stride_bkh
     V = V_buf + kv_head * stride_bvh
     idx_ptr = kv_indices + kv_start
+    # Decisions compare against max(m, seed); seed = each head's max over tile 0 for splits after
+    # the first (lo > 0 implies kv_len > BLOCK_N, so tile 0 is whole). Its K rows are read by every
+    # split of the request, mostly from L2.
+    seed = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    if SKIP:
+        if lo > 0:
+            qk0, _ = _scores(q, q_pe, K, idx_ptr, 0, kv_len, stride_bkt, qk_scale, BLOCK_N, BLOCK_D, BLOCK_DPE)
+            seed = tl.max(qk0, 1)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     n_seen = tl.zeros([], dtype=tl.int32)
     n_skip = tl.zeros([], dtype=tl.int32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        rows = tl.load(idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(K + rows[None, :] * stride_bkt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-        qk = tl.dot(q, k)
-        if BLOCK_DPE > 0:
-            offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
-            k_pe = tl.load(K + rows[None, :] * stride_bkt + offs_pe[:, None], mask=n_ok[None, :], other=0.0)
-            qk += tl.dot(q_pe, k_pe)
-        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        n_ok = start + tl.arange(0, BLOCK_N) < hi
+        qk, rows = _scores(q, q_pe, K, idx_ptr, start, hi, stride_bkt, qk_scale, BLOCK_N, BLOCK_D, BLOCK_DPE)
         m_ij = tl.max(qk, 1)
         if SKIP:
-            # Keep the tile when any head of the group may matter (first tile: m = −inf). The loop
-            # stays branch-free so K loads keep their pipelining; a skipped tile's V load is
-            # predicated off (no memory traffic) and its update is a no-op (p = 0, alpha = 1).
-            keep = tl.max(((m_ij - m_i >= log2_lam) & h_ok).to(tl.int32), 0)
+            # Keep the tile when any head of the group may matter (split 0's first tile: m = −inf).
+            # The loop stays branch-free so K loads keep their pipelining; a skipped tile's V load
+            # is predicated off (no memory traffic) and its update is a no-op (p = 0, alpha = 1,
+            # selected rather than computed: m may still be −inf).
+            keep = tl.max(((m_ij - tl.maximum(m_i, seed) >= log2_lam) & h_ok).to(tl.int32), 0)
             v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None] & (keep > 0), other=0.0)
             m_new = tl.where(keep > 0, tl.maximum(m_i, m_ij), m_i)
-            p = tl.math.exp2(qk - m_new[:, None]) * keep.to(tl.float32)
+            p = tl.where(keep > 0, tl.math.exp2(qk - m_new[:, None]), 0.0)
+            alpha = tl.where(keep > 0, tl.math.exp2(m_i - m_new), 1.0)
         else:
             keep = 1
             v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
             m_new = tl.maximum(m_i, m_ij)
             p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -101,10 +121,12 @@ def decode_split_kernel(
             map_ptrs = map_ptr + seq * stride_map_b + kv_head * stride_map_h + start // BLOCK_N
             tl.store(map_ptrs, (n_seen * 0 + 2 - keep).to(tl.int8))
 
+    # A split that skipped every tile has l = 0: it stores o = 0, lse = −inf (weight 0 in the merge).
+    kept_any = l_i > 0
     po = part_o + seq.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s
-    tl.store(po + offs_dv[None, :], acc / l_i[:, None], mask=h_ok[:, None])
+    tl.store(po + offs_dv[None, :], acc / tl.where(kept_any, l_i, 1.0)[:, None], mask=h_ok[:, None])
     pl = part_lse + seq.to(tl.int64) * stride_pl_b + heads * stride_pl_h + split
-    tl.store(pl, m_i + tl.math.log2(l_i), mask=h_ok)  # log2 domain
+    tl.store(pl, tl.where(kept_any, m_i + tl.math.log2(l_i), float("-inf")), mask=h_ok)  # log2 domain
     if COUNT:
         zero = tl.zeros([BLOCK_H], dtype=tl.int32)
         tl.atomic_add(stats_ptr + heads * 2, zero + n_seen, mask=h_ok)

@@ -67,6 +67,23 @@ def test_decode_mixed_sparsity_and_splits(page_size, rng):
     assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_splits_that_skip_every_tile(page_size, rng):
+    # One sink key far above the rest for every head: splits after the first count tile 0's scores
+    # as seen, skip all their tiles (first ones included) and must add nothing to the merge.
+    hq, hkv, d, length = 8, 2, 64, 203
+    ctx = make_decode([length], hq, hkv, d, d, page_size, torch.float32, rng)
+    sink = int(ctx.kv_indices[0])
+    group_dir = ctx.q.view(hkv, hq // hkv, d).mean(1)
+    ctx.k_buffer[sink] = 60.0 * group_dir / group_dir.norm(dim=-1, keepdim=True)
+    part_lse = torch.full((1, hq, 4), math.nan)
+    sparsity = check_decode(ctx, hq, 4.0, [4], KernelOptions(16, 16), torch.float32)
+    decode_attention(ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices, threshold_scale_factor=4.0,
+                     num_kv_splits=torch.tensor([4], dtype=torch.int32), max_kv_splits=4,
+                     partial_out=torch.empty(1, hq, 4, d), partial_lse=part_lse, options=KernelOptions(16, 16))
+    assert sparsity > 0.9 and (part_lse[0, :, 1:] == -math.inf).all() and torch.isfinite(part_lse[0, :, 0]).all()
+
+
 def test_decode_dense_matches_softmax(rng):
     hq, hkv, d = 8, 2, 128
     lens = [random.randint(1, 300) for _ in range(4)]
@@ -107,6 +124,6 @@ def test_caller_workspaces_are_used(rng):
     part_lse = torch.full((5, hq, 4), math.nan)
     own = decode_attention(*args, **kw)
     given = decode_attention(*args, partial_out=part_o, partial_lse=part_lse, **kw)
-    assert torch.equal(own, given) and torch.isfinite(part_lse[:2, :, :2]).all()
+    assert torch.equal(own, given) and not part_lse[:2, :, :2].isnan().any()
     with pytest.raises(ValueError, match="partial_out"):
         decode_attention(*args, partial_out=part_o[:, :, :2], partial_lse=part_lse, **kw)

@@ -67,7 +67,40 @@ def test_decode_splits_restart_and_merge(rng):
     one = decode_reference(q, k, v, block_n=16, num_splits=1)
     many = decode_reference(q, k, v, block_n=16, num_splits=4)
     assert torch.allclose(one.out, many.out, atol=1e-12) and torch.allclose(one.lse, many.lse, atol=1e-12)
-    k[0] = 50.0 * q[0] / q[0].norm()
-    sparse = decode_reference(q * 3, k, v, block_n=16, num_splits=4, log_lam=torch.tensor(math.log(0.5)))
-    # Split boundaries are at 48-key steps (3 tiles): each split's first tile is computed.
-    assert (sparse.tile_state[:, ::3] == TileState.COMPUTED).all()
+
+
+def test_decode_splits_decide_from_the_sink(rng):
+    # A sink at key 0 that every head sees far above the rest: one pass skips everything after
+    # tile 0, and so do later splits, their first tiles included (they count tile 0's scores as
+    # seen); a split that skips all its tiles adds nothing to the merge.
+    group, d = 4, 32
+    base = torch.randn(d, dtype=torch.float64, generator=rng)
+    q = base + 0.1 * torch.randn(group, d, dtype=torch.float64, generator=rng)
+    k = 0.1 * torch.randn(150, 1, d, dtype=torch.float64, generator=rng)
+    v = torch.randn(150, 1, d, dtype=torch.float64, generator=rng)
+    k[0, 0] = 40.0 * base / base.norm()
+    lam = torch.tensor(math.log(0.05))
+    one = decode_reference(q, k, v, block_n=16, log_lam=lam)
+    many = decode_reference(q, k, v, block_n=16, num_splits=4, log_lam=lam)
+    assert (one.tile_state[:, 1:] == TileState.SKIPPED).all()
+    assert torch.equal(many.tile_state, one.tile_state)
+    assert torch.allclose(many.out, one.out, atol=1e-12) and torch.allclose(many.lse, one.lse, atol=1e-12)
+
+
+def test_decode_split_decisions_are_a_subset_of_one_pass(rng):
+    # Splits start from tile 0's max, never above the running max one pass has there: they skip
+    # only tiles one pass skips, and skipping the same tiles gives the same output.
+    base = torch.randn(2, 1, 32, dtype=torch.float64, generator=rng)
+    q = (base + 0.2 * torch.randn(2, 4, 32, dtype=torch.float64, generator=rng)).reshape(8, 32)
+    k = torch.randn(300, 2, 32, dtype=torch.float64, generator=rng)
+    v = torch.randn(300, 2, 32, dtype=torch.float64, generator=rng)
+    strength = 2.0 + 4.0 * torch.rand(300, 1, 1, dtype=torch.float64, generator=rng)
+    k[::23] += strength[::23] * base.transpose(0, 1)  # scattered strong keys, some above tile 0's
+    lam = torch.tensor(math.log(0.02))
+    one = decode_reference(q, k, v, block_n=16, log_lam=lam)
+    for splits in (2, 3, 7):
+        many = decode_reference(q, k, v, block_n=16, num_splits=splits, log_lam=lam)
+        skipped = many.tile_state == TileState.SKIPPED
+        assert skipped.any() and not (skipped & (one.tile_state != TileState.SKIPPED)).any()
+        replay = decode_reference(q, k, v, block_n=16, skip_override=skipped)
+        assert torch.allclose(many.out, replay.out, atol=1e-12)
