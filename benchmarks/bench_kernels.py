@@ -190,13 +190,17 @@ def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0):
     k_buffer = torch.empty(batch * per_req * page_size, hkv, d, dtype=torch.bfloat16, device="cuda")
     v_buffer = torch.empty_like(k_buffer)
     q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="cuda")
-    # One synthetic context, rolled per request so requests differ but generation stays cheap.
-    qs, ks, vs = synthetic_qkv(ctx, hq, hkv, d, seed=seed, local_peak=16 * sharpness, sink_peak=18 * sharpness)
+    # One synthetic sequence; request b reads token 0 (the sink) and then a window of it that starts
+    # 97·b tokens later, so requests differ while each sees what a real decode step sees: the sink
+    # at position 0 and the query's local window at the end (its query is its window's last token).
+    stride = 97
+    qs, ks, vs = synthetic_qkv(ctx + stride * (batch - 1), hq, hkv, d, seed=seed, local_peak=16 * sharpness,
+                               sink_peak=18 * sharpness)
     for b in range(batch):
-        shift = (b * 997) % ctx
-        k_buffer[slots[b]] = torch.roll(ks, shift, 0)
-        v_buffer[slots[b]] = torch.roll(vs, shift, 0)
-        q[b] = qs[(ctx - 1 + shift) % ctx]
+        window = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, ctx) + stride * b]).to(ks.device)
+        k_buffer[slots[b]] = ks[window]
+        v_buffer[slots[b]] = vs[window]
+        q[b] = qs[window[-1]]
     kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
     return (q, k_buffer, v_buffer, kv_indptr, slots.reshape(-1).to(torch.int32)), perm.to(torch.int32)
 

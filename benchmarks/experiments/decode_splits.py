@@ -1,0 +1,135 @@
+"""Decode split counts under the sink-seeded split rule (issue #6, P4): sparsity and speed.
+
+Until v5 every KV split started its skip decisions from nothing: its first tile was never skipped
+and its running max stayed below the sink's, so more splits (the cure for wave tails and for KV
+heads of very different sparsity) cost sparsity (v3: 0.70 -> 0.51 at 16 splits, same factor).
+Splits now count tile 0's scores as seen (``kernels/reference.py``). Prediction: sparsity at a
+factor no longer falls with the split count, and 2-4x the default programs per SM turn the 70 %
+rows from 1.22-1.35x copy bandwidth toward the ~1.5x that reading every K and 30 % of V allows.
+
+For each bench decode shape (``bench_kernels.decode_inputs``, synthetic sinks + local windows):
+the factor that skips ~70 % (and ~90 %) at the default 4 programs per SM, then dense and skip at
+4/8/16/32 programs per SM (splits from :func:`default_num_kv_splits`), the skip counters at each,
+and the copy-bandwidth yardstick. A bf16 kernel vs float32 reference check at 16 splits first.
+
+    bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_splits.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
+
+from bench_kernels import bench, decode_inputs, env_info, find_factor  # noqa: E402
+
+from blasst_kernels import TileState, decode_attention, decode_reference, default_options, log_lambda  # noqa: E402
+from blasst_kernels.api import default_num_kv_splits  # noqa: E402
+from blasst_kernels.reference import decode_split_len  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+SHAPES = [(16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16)]
+PROGRAMS = (4, 8, 16, 32)
+MAX_SPLITS = 64
+
+
+def splits_for(indptr, programs):
+    return default_num_kv_splits(indptr, HKV, default_options(D, D, "decode").block_n, MAX_SPLITS,
+                                 programs_per_sm=programs)
+
+
+def check(num_splits=16, ctx=8191, factor=600.0):
+    """Skip maps (firm decisions) and replayed outputs of two requests at many splits."""
+    (q, kb, vb, indptr, idx), _ = decode_inputs(2, ctx, HQ, HKV, D, 16, 1.6, seed=11)
+    block_n = default_options(D, D, "decode").block_n
+    splits = torch.full((2,), num_splits, dtype=torch.int32, device="cuda")
+    out, kmap = decode_attention(q, kb, vb, indptr, idx, threshold_scale_factor=factor, num_kv_splits=splits,
+                                 max_kv_splits=num_splits, return_skip_map=True)
+    slots = idx.view(2, ctx)
+    worst, disagree, split_first_skipped = 0.0, 0, 0
+    for b in range(2):
+        s = slots[b].long()
+        kw = dict(log_lam=log_lambda(factor, torch.tensor([ctx]), HQ)[0], block_n=block_n, num_splits=num_splits,
+                  compute_dtype=torch.float32)
+        ref = decode_reference(q[b], kb[s], vb[s], **kw)
+        firm = ref.margin.isnan() | (ref.margin.abs() > 1e-2)
+        disagree += int(((kmap[b] != ref.tile_state) & firm).sum())
+        replay = decode_reference(q[b], kb[s], vb[s], skip_override=kmap[b] == TileState.SKIPPED, **kw)
+        worst = max(worst, float((out[b].float() - replay.out.float()).norm() / replay.out.float().norm()))
+        tps = decode_split_len(ctx, num_splits, block_n) // block_n
+        split_first_skipped += int((kmap[b, :, tps::tps] == TileState.SKIPPED).sum())
+    sparsity = float((kmap == TileState.SKIPPED).sum() / (kmap != TileState.UNVISITED).sum())
+    return {"splits": num_splits, "rel_err": worst, "map_disagreements": disagree, "sparsity": sparsity,
+            "split_first_tiles_skipped": split_first_skipped, "ok": worst < 2e-2 and disagree == 0}
+
+
+def measured(data, factor, splits):
+    stats = torch.zeros(HQ, 2, dtype=torch.int32, device="cuda")
+    decode_attention(*data, threshold_scale_factor=factor, num_kv_splits=splits, max_kv_splits=MAX_SPLITS, stats=stats)
+    s = stats.sum(0).tolist()
+    return s[1] / max(s[0], 1)
+
+
+def run_shape(batch, ctx, page):
+    shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page}
+    kv_bytes = 2 * batch * ctx * HKV * D * 2
+    rows = []
+    src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    rows.append({**shape, "kernel": "copy (bw ref)", "ms": copy_ms})
+    dense, _ = decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)
+    indptr = dense[3]
+    for programs in PROGRAMS:
+        sp = splits_for(indptr, programs)
+        rows.append({**shape, "kernel": "dense", "programs_per_sm": programs, "splits": int(sp[0]), "sparsity": 0.0,
+                     "ms": bench(lambda: decode_attention(*dense, num_kv_splits=sp, max_kv_splits=MAX_SPLITS))})
+    default_sp = splits_for(indptr, 4)
+    for target in (0.7, 0.9):
+        for sharp in (1.0, 1.6, 2.5):
+            data = dense if sharp == 1.0 else decode_inputs(batch, ctx, HQ, HKV, D, page, sharp)[0]
+            factor, sp0 = find_factor(
+                lambda f, st: decode_attention(*data, threshold_scale_factor=f, stats=st, num_kv_splits=default_sp,
+                                               max_kv_splits=MAX_SPLITS), HQ, target, ctx / 2)
+            if abs(sp0 - target) < 0.05:
+                break
+        for programs in PROGRAMS:
+            sp = splits_for(indptr, programs)
+            ms = bench(lambda: decode_attention(*data, threshold_scale_factor=factor, num_kv_splits=sp,
+                                                max_kv_splits=MAX_SPLITS))
+            rows.append({**shape, "kernel": f"skip ~{int(target * 100)}%", "programs_per_sm": programs,
+                         "splits": int(sp[0]), "sparsity": measured(data, factor, sp), "ms": ms, "factor": factor,
+                         "data_sharpness": sharp})
+    for r in rows:
+        r["gbps"] = kv_bytes / (r["ms"] * 1e-3) / 1e9
+        r["x_copy"] = copy_ms / r["ms"]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "experiments"))
+    args = ap.parse_args()
+    result = {"env": env_info(), "checks": [check(16), check(4), check(1)], "rows": []}
+    print("checks", result["checks"], flush=True)
+    for batch, ctx, page in SHAPES:
+        result["rows"] += run_shape(batch, ctx, page)
+        print(f"shape {batch}x{ctx} p{page} done", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_splits.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'shape':18s} {'kernel':10s} {'prog/SM':>7s} {'splits':>6s} {'spars':>6s} {'ms':>7s} {'x copy':>7s}")
+    for r in result["rows"]:
+        print(f"{r['batch']}x{r['ctx']} p{r['page_size']:<3d}    {r['kernel']:10s} {r.get('programs_per_sm', ''):>7} "
+              f"{r.get('splits', ''):>6} {r.get('sparsity', 0):6.3f} {r['ms']:7.3f} {r['x_copy']:7.2f}")
+    print("all checks ok" if all(c["ok"] for c in result["checks"]) else "CHECK FAILED")
+
+
+if __name__ == "__main__":
+    main()
