@@ -46,10 +46,11 @@ class KernelOptions:
     """Tile sizes and launch knobs. ``block_m``/``block_n`` also define the skip granularity.
 
     ``block_m`` is ignored by decode (its rows are the heads of a KV group). ``kernel`` picks the
-    prefill implementation: ``"auto"`` runs the warp-specialised Gluon kernel
-    (:mod:`blasst_kernels.gluon_prefill`) where it applies — an sm_90 GPU, fp16/bf16, head dim 128,
-    64 x 128 tiles, causal, no skip map (a paged prefix is gathered into a contiguous copy first)
-    — and the Triton kernel otherwise;
+    implementation: ``"auto"`` runs a Gluon kernel for sm_90 where one applies — prefill: the
+    warp-specialised :mod:`blasst_kernels.gluon_prefill` (fp16/bf16, head dim 128, 64 x 128 tiles,
+    causal, no skip map; a paged prefix is gathered into a contiguous copy first); decode:
+    :mod:`blasst_kernels.gluon_decode` (fp16/bf16, head dim 64 or 128, 64-key tiles, at most 16
+    query heads per KV head, no skip map) — and the Triton kernel otherwise;
     ``"triton"`` always runs Triton. Both make the same decisions (same tiles, same rule), so
     ``num_warps``/``num_stages``, Triton's knobs, change speed only.
     """
@@ -72,10 +73,11 @@ class KernelOptions:
 def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions:
     """Defaults by shape only (never by device), so CPU skip maps match the GPU kernels'."""
     if phase == "decode":
-        # d=128: 128-key tiles read at copy bandwidth dense (64-key tiles: 0.84-0.98x on the H100) and
-        # are as fast at a given threshold, while skipping coarser (so more accurately).
-        block_n = 32 if head_dim > 256 else 128 if 64 < head_dim <= 128 else 64
-        return KernelOptions(16, block_n, num_warps=4, num_stages=3)
+        # 64-key tiles: the Gluon kernel's (sm_90, d <= 128: copy bandwidth dense, 1.46-1.51x it at
+        # ~76 % skipped on the H100), and the calibration's default decode tile. The Triton kernel
+        # (other GPUs, d = 256, skip maps) decides the same; at d = 128 it reads 0.84-0.98x copy
+        # bandwidth dense with these tiles (0.96-1.00x with 128-key ones).
+        return KernelOptions(16, 32 if head_dim > 256 else 64, num_warps=4, num_stages=3)
     if head_dim > 256:
         return KernelOptions(32, 32, num_warps=4, num_stages=1)
     if head_dim > 128:
@@ -450,16 +452,41 @@ def decode_attention(
     if return_skip_map:
         n_t = -(-int((kv_indptr[1:] - kv_indptr[:-1]).max()) // opts.block_n) if batch else 0
         skip_map = torch.zeros(batch, kv_heads, max(n_t, 1), dtype=torch.int8, device=device)
-    if batch:
+    sm_scale = 1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale)
+    if batch and _gluon_decode_applies(q, k_buffer, v_buffer, opts, skip_map):
+        from .gluon_decode import gluon_decode
+
+        gluon_decode(q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits,
+                     max_kv_splits, scale, stats, sm_scale=sm_scale)
+    elif batch:
         launch_decode(
             q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
             scale, stats, skip_map,
-            sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), skip=scale is not None,
+            sm_scale=sm_scale, skip=scale is not None,
             block_h=max(16, _next_pow2(group)), block_n=opts.block_n,
             block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
             num_warps=opts.num_warps, num_stages=opts.num_stages,
         )
     return (out, skip_map) if return_skip_map else out
+
+
+def _gluon_decode_applies(q, k_buffer, v_buffer, opts: KernelOptions, skip_map) -> bool:
+    """Whether :func:`decode_attention` runs the Gluon Hopper kernel (see :class:`KernelOptions`)."""
+    if opts.kernel != "auto" or skip_map is not None or _interpreting() or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or v_buffer.shape[2] != q.shape[2]:
+        return False
+    try:
+        from . import gluon_decode as gd
+    except ImportError:  # a triton without Gluon's Ampere/Hopper API
+        return False
+    if q.shape[2] not in gd.HEAD_DIMS or opts.block_n != gd.BLOCK_N or q.shape[1] > gd.MAX_GROUP * k_buffer.shape[1]:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    # cp.async moves 16 bytes: token rows and head starts 16-byte aligned.
+    return all(not (x.stride(0) * x.element_size()) % 16 and not (x.stride(1) * x.element_size()) % 16
+               and not x.data_ptr() % 16 for x in (k_buffer, v_buffer))
 
 
 def _next_pow2(n: int) -> int:

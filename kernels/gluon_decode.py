@@ -1,0 +1,233 @@
+"""BLASST split-KV decode in Gluon for Hopper (sm_90): K keeps streaming while V is skipped.
+
+Same grid, rule and outputs as :mod:`blasst_kernels.triton_decode` (one CTA per request, KV head
+and KV split; the query heads of the group are the rows of an ``mma_v2``; splits are merged by its
+``decode_merge_kernel``). What differs is the memory pipeline, written out by hand because Triton's
+pipeliner gives each paged (indirect) load a single buffer and waits on a kept tile's V right
+after issuing it, so with most V skipped a CTA streamed K at ~70 % of copy bandwidth:
+
+- K tiles go through a ring of ``NK`` shared-memory stages with ``cp.async``, ``NK - 1`` ahead.
+- V_j is issued right after tile j's decision (masked off when skipped: no bytes are read) and
+  consumed one iteration later, after ``S_{j+1}``; a skipped tile waits for nothing.
+- The token slots of tile t (``kv_indices``) are copied into a shared ring in the group of
+  ``K_{t-2·NK}``, so no copy ever waits on an index load.
+- Every iteration commits exactly two ``cp.async`` groups (V_j, then K_{j+NK} with tile
+  ``j + 2·NK``'s slots): K_j has landed once at most ``2·NK − 2`` groups are pending, V_{j−1} once
+  at most 3 are.
+
+64-key tiles, ``NK = 2``: 69 KB of shared memory and ~145 registers, three CTAs per SM.
+Measured on an H100 (``benchmarks/experiments/gluon_decode.py``): dense 0.96-0.99x copy
+bandwidth; ~76 % skipped 1.46-1.51x, ~93 % 1.62-1.77x (the Triton kernel: 1.19-1.21x, 1.20-1.37x).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .triton_decode import decode_merge_kernel
+
+__all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS", "MAX_GROUP"]
+
+BLOCK_N = 64  # keys per tile (the skip granularity)
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 16  # query heads per KV head: the rows of one mma_v2 tile
+
+
+@gluon.jit
+def _issue(dst, base, rows, ok, stride_t, HEAD_D: gl.constexpr, LD: gl.constexpr):
+    """cp.async of ``[BLOCK_N, HEAD_D]`` rows ``rows`` (not ``ok``: zero-filled, nothing read),
+    then commit one group."""
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, LD))
+    cp.async_copy_global_to_shared(dst, base + rows[:, None] * stride_t + offs_d[None, :], mask=ok[:, None])
+    cp.commit_group()
+
+
+@gluon.jit
+def _issue_tile(dst, base, idx_slot, start, hi, keep, stride_t,
+                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, LD: gl.constexpr):
+    """:func:`_issue` of the tile at ``start`` whose token slots sit in shared ``idx_slot``."""
+    rows = idx_slot.load(gl.SliceLayout(1, LD)).to(gl.int64)
+    ok = (start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD)) < hi) & keep
+    _issue(dst, base, rows, ok, stride_t, HEAD_D, LD)
+
+
+@gluon.jit
+def gluon_decode_kernel(
+    Q, K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr, scale_ptr, stats_ptr, part_o, part_lse,
+    sm_scale, kv_group, max_splits,
+    stride_qb, stride_qh, stride_bkt, stride_bkh, stride_bvt, stride_bvh,
+    stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
+    BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NK: gl.constexpr,
+    SKIP: gl.constexpr, COUNT: gl.constexpr,
+):
+    seq = gl.program_id(0)
+    kv_head = gl.program_id(1)
+    split = gl.program_id(2)
+    kv_start = gl.load(kv_indptr + seq)
+    kv_len = gl.load(kv_indptr + seq + 1) - kv_start
+    n_splits = gl.minimum(gl.load(num_splits_ptr + seq), max_splits)
+    # Splits are whole tiles: ceil(ceil(kv_len / n_splits) / BLOCK_N) * BLOCK_N keys each.
+    split_len = gl.cdiv(gl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = gl.minimum(lo + split_len, kv_len)
+    if lo >= hi:
+        return
+
+    # Copies: 16 bytes per thread, a row of HEAD_D in HEAD_D // 8 vectors. Products: mma_v2 with the
+    # warps side by side along N (the tile's keys for S, the head dim for P·V).
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_D // 8), HEAD_D // 8], [4, 1], [1, 0])
+    SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+    COL: gl.constexpr = gl.SliceLayout(0, MMA)
+    IDX: gl.constexpr = gl.SliceLayout(1, LD)
+    R: gl.constexpr = 2 * NK + 1  # tiles of token slots in flight or still needed by a V copy
+    dtype: gl.constexpr = Q.dtype.element_ty
+
+    offs_h = gl.arange(0, BLOCK_H, layout=ROW)
+    h_ok = offs_h < kv_group
+    heads = kv_head * kv_group + offs_h
+    q_ptrs = (Q + seq.to(gl.int64) * stride_qb + heads[:, None] * stride_qh
+              + gl.arange(0, HEAD_D, layout=COL)[None, :])
+    q = gl.convert_layout(gl.load(q_ptrs, mask=h_ok[:, None], other=0.0), A_OP)
+    log2_lam = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
+    if SKIP:
+        lam = gl.load(scale_ptr + gl.where(h_ok, heads, 0)) / kv_len.to(gl.float32)
+        log2_lam = gl.where((lam > 0) & (lam < 1), gl.log2(gl.maximum(lam, 1e-30)), float("-inf"))
+    qk_scale = sm_scale * 1.4426950408889634  # 1/ln 2: exp2 instead of exp
+
+    K = K_buf + kv_head * stride_bkh
+    V = V_buf + kv_head * stride_bvh
+    idx_ptr = kv_indices + kv_start
+    k_ring = gl.allocate_shared_memory(dtype, [NK, BLOCK_N, HEAD_D], SMEM)
+    v_ring = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_D], SMEM)
+    idx_ring = gl.allocate_shared_memory(kv_indices.dtype.element_ty, [R, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    zero_s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, MMA)
+    offs_r = gl.arange(0, BLOCK_N, layout=IDX)
+    offs_c = gl.arange(0, BLOCK_N, layout=COL)
+
+    # Splits after the first decide against max(m, seed), seed = each head's max over tile 0 (the
+    # sink); lo > 0 implies kv_len > BLOCK_N, so tile 0 is whole.
+    seed = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
+    if SKIP:
+        if lo > 0:
+            _issue(k_ring.index(0), K, gl.load(idx_ptr + offs_r).to(gl.int64), offs_r < BLOCK_N, stride_bkt, HEAD_D, LD)
+            cp.wait_group(0)
+            gl.thread_barrier()
+            seed = gl.max(mma_v2(q, k_ring.index(0).permute((1, 0)).load(B_OP), zero_s), 1) * qk_scale
+            gl.thread_barrier()
+
+    # Token slots of the first 2·NK tiles, then K_0 .. K_{NK-1}, an empty group after each but the
+    # first (standing for the steady state's V group).
+    for t in gl.static_range(0, 2 * NK):
+        pos = lo + t * BLOCK_N + offs_r
+        idx_ring.index(t).store(gl.load(idx_ptr + pos, mask=pos < hi, other=0))
+    gl.thread_barrier()
+    _issue_tile(k_ring.index(0), K, idx_ring.index(0), lo, hi, True, stride_bkt, BLOCK_N, HEAD_D, LD)
+    for t in gl.static_range(1, NK):
+        cp.commit_group()
+        _issue_tile(k_ring.index(t), K, idx_ring.index(t), lo + t * BLOCK_N, hi, True, stride_bkt, BLOCK_N, HEAD_D, LD)
+
+    n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
+    l_i = gl.zeros([BLOCK_H], gl.float32, ROW)
+    acc = gl.zeros([BLOCK_H, HEAD_D], gl.float32, MMA)
+    p_prev = gl.zeros([BLOCK_H, BLOCK_N], dtype, A_OP)
+    alpha_prev = gl.full([BLOCK_H], 1.0, gl.float32, ROW)
+    keep_prev = gl.to_tensor(False)
+    n_skip = 0
+    for j in range(0, n_tiles):
+        start = lo + j * BLOCK_N
+        # S_j = Q K_jᵀ once K_j has landed.
+        cp.wait_group(2 * NK - 2)
+        gl.thread_barrier()
+        s = mma_v2(q, k_ring.index(j % NK).permute((1, 0)).load(B_OP), zero_s)
+        s = gl.where((start + offs_c < hi)[None, :], s * qk_scale, float("-inf"))
+        m_ij = gl.max(s, 1)
+        if SKIP:
+            # Keep the tile when any head of the group may matter (split 0's first tile: m = −inf).
+            keep = gl.max(((m_ij - gl.maximum(m_i, seed) >= log2_lam) & h_ok).to(gl.int32), 0) > 0
+        else:
+            keep = gl.to_tensor(True)
+        # A skipped tile changes nothing (selected, not computed: m may still be −inf).
+        m_new = gl.where(keep, gl.maximum(m_i, m_ij), m_i)
+        p = gl.where(keep, gl.exp2(s - m_new[:, None]), 0.0)
+        alpha = gl.where(keep, gl.exp2(m_i - m_new), 1.0)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        n_skip += 1 - keep.to(gl.int32)
+        # Every warp is done with K_j's stage and with V_{j-2}'s: V_j, then K_{j+NK} with the slots
+        # of tile j + 2·NK.
+        gl.thread_barrier()
+        _issue_tile(v_ring.index(j % 2), V, idx_ring.index(j % R), start, hi, keep, stride_bvt, BLOCK_N, HEAD_D, LD)
+        pos = start + 2 * NK * BLOCK_N + offs_r
+        cp.async_copy_global_to_shared(idx_ring.index((j + 2 * NK) % R), idx_ptr + pos, mask=pos < hi)
+        _issue_tile(k_ring.index(j % NK), K, idx_ring.index((j + NK) % R), start + NK * BLOCK_N, hi, True, stride_bkt,
+                    BLOCK_N, HEAD_D, LD)
+        # acc += P_{j-1} V_{j-1} for a kept tile j-1 once V_{j-1} has landed; a skipped one waits
+        # for nothing, so the K ring stays ahead.
+        acc = acc * alpha_prev[:, None]
+        if keep_prev:
+            cp.wait_group(3)
+            gl.thread_barrier()
+            acc = mma_v2(p_prev, v_ring.index((j + 1) % 2).load(B_OP), acc)
+        p_prev = gl.convert_layout(p.to(dtype), A_OP)
+        alpha_prev = alpha
+        keep_prev = keep
+    acc = acc * alpha_prev[:, None]
+    if keep_prev:
+        cp.wait_group(0)
+        gl.thread_barrier()
+        acc = mma_v2(p_prev, v_ring.index((n_tiles + 1) % 2).load(B_OP), acc)
+    cp.wait_group(0)  # copies past the split's end (zero-filled) may still be in flight
+
+    # A split that skipped every tile has l = 0: it stores o = 0, lse = −inf (weight 0 in the merge).
+    kept_any = l_i > 0
+    offs_d = gl.arange(0, HEAD_D, layout=COL)
+    po = part_o + seq.to(gl.int64) * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s
+    gl.store(po + offs_d[None, :], acc / gl.where(kept_any, l_i, 1.0)[:, None], mask=h_ok[:, None])
+    pl = part_lse + seq.to(gl.int64) * stride_pl_b + heads * stride_pl_h + split
+    gl.store(pl, gl.where(kept_any, m_i + gl.log2(l_i), float("-inf")), mask=h_ok)  # log2 domain
+    if COUNT:
+        zero = gl.zeros([BLOCK_H], gl.int32, ROW)
+        gl.atomic_add(stats_ptr + heads * 2, zero + n_tiles, mask=h_ok)
+        gl.atomic_add(stats_ptr + heads * 2 + 1, zero + n_skip, mask=h_ok)
+
+
+def gluon_decode(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
+    part_o: torch.Tensor, part_lse: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+    num_splits: torch.Tensor, max_splits: int, scale, stats, *, sm_scale: float,
+    block_n: int = BLOCK_N, num_k_stages: int = 2,
+) -> None:
+    """Launch the split kernel and the merge; arguments are validated by :mod:`blasst_kernels.api`.
+
+    ``q (B, Hq, D)``, ``k_buffer``/``v_buffer (slots, Hkv, D)`` fp16/bf16 with D in
+    :data:`HEAD_DIMS`, rows 16-byte aligned; ``Hq / Hkv <= MAX_GROUP``; ``scale (Hq,)`` float32 or
+    ``None`` (dense); ``stats (Hq, 2)`` int32 or ``None``; ``part_o``/``part_lse`` float32 workspaces
+    of at least ``(B, Hq, max_splits, D)`` / ``(B, Hq, max_splits)``.
+    """
+    batch, num_heads, head_dim = q.shape
+    kv_heads = k_buffer.shape[1]
+    dummy = part_lse  # never read: SKIP / COUNT are off
+    gluon_decode_kernel[(batch, kv_heads, max_splits)](
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits,
+        dummy if scale is None else scale, dummy if stats is None else stats, part_o, part_lse,
+        sm_scale, num_heads // kv_heads, max_splits,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        BLOCK_H=16, BLOCK_N=block_n, HEAD_D=head_dim, NK=num_k_stages, SKIP=scale is not None,
+        COUNT=stats is not None, num_warps=4,
+    )
+    decode_merge_kernel[(batch, num_heads)](
+        part_o, part_lse, out, kv_indptr, num_splits, max_splits,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_N=block_n, BLOCK_DV=head_dim,
+    )

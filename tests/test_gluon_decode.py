@@ -1,0 +1,68 @@
+"""The Gluon (sm_90) decode on a machine without a GPU: each build compiles for sm_90 with nothing
+spilled and fits three CTAs per SM (what its speed rests on). Compiles run in a subprocess, as in
+``test_gluon_prefill.py`` (under ``TRITON_INTERPRET=1`` a ``gluon.jit`` function cannot be compiled).
+
+Its numerics are checked against the reference on an H100 by ``benchmarks/check_kernels_gpu.py``
+and ``benchmarks/experiments/gluon_decode.py`` (outputs and skip counters)."""
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+gd = pytest.importorskip("blasst_kernels.gluon_decode")
+triton = pytest.importorskip("triton")
+
+SM90_REGS, SM90_SMEM = 65536, 232448  # per SM
+CTA_THREADS = 128
+
+
+def _compile(head_dim, skip, idx):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(inspect.signature(gd.gluon_decode_kernel.fn).parameters)
+    ptrs = dict(Q="*bf16", K_buf="*bf16", V_buf="*bf16", kv_indptr="*i32", kv_indices=f"*{idx}",
+                num_splits_ptr="*i32", scale_ptr="*fp32", stats_ptr="*i32", part_o="*fp32", part_lse="*fp32")
+    consts = dict(BLOCK_H=16, BLOCK_N=gd.BLOCK_N, HEAD_D=head_dim, NK=2, SKIP=skip, COUNT=skip)
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "sm_scale" else "i32") for n in names}
+    # The launcher's divisibility-16 specialisation of pointers and strides (cp.async needs 16 bytes).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride")}
+    src = GluonASTSource(gd.gluon_decode_kernel, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def _resources(cubin: bytes) -> dict:
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {"regs": int(re.search(r"REG:(\d+)", text).group(1)), "stack": int(re.search(r"STACK:(\d+)", text).group(1))}
+
+
+@pytest.mark.parametrize("head_dim", gd.HEAD_DIMS)
+@pytest.mark.parametrize("skip,idx", [(False, "i32"), (True, "i32"), (True, "i64")], ids=["dense", "skip", "skip-i64"])
+def test_compiles_for_sm90_three_ctas_per_sm(head_dim, skip, idx):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, __file__, json.dumps([head_dim, skip, idx])], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.splitlines()[-1])
+    assert info["mma"] and info["cp_async"] and not info["local"], info
+    assert info["stack"] == 0 and info["regs"] * CTA_THREADS * 3 <= SM90_REGS, info
+    assert 3 * (info["shared"] + 1024) <= SM90_SMEM, info  # 1 KB reserved per CTA
+
+
+if __name__ == "__main__":  # one compile, a JSON summary on the last line
+    k = _compile(*json.loads(sys.argv[1]))
+    ptx = k.asm["ptx"]
+    print(json.dumps({"mma": "mma.sync" in ptx, "cp_async": "cp.async.cg" in ptx or "cp.async.ca" in ptx,
+                      "local": bool(re.search(r"\b(?:ld|st)\.local", ptx)), "shared": k.metadata.shared,
+                      **_resources(k.asm["cubin"])}))
