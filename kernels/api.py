@@ -393,7 +393,9 @@ def decode_attention(
         threshold_scale_factor: see module doc; λ uses each request's KV length.
         num_kv_splits: ``(B,)`` int32 splits per request (values above ``max_kv_splits`` are
             clamped to it); default
-            :func:`default_num_kv_splits`. A split's first tile is never skipped.
+            :func:`default_num_kv_splits`. Splits after the first also count each head's max over
+            tile 0 as seen (see :mod:`blasst_kernels.reference`), so the split count barely moves
+            what is skipped.
         stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a KV group's counts
             are added to each of its heads.
         return_skip_map: also return an int8 ``(B, Hkv, ceil(max_kv_len / block_n))`` TileState map.
