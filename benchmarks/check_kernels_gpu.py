@@ -171,10 +171,50 @@ def check_decode(dk, dv, group, dtype, gen):
             "ok": worst < TOL[dtype] and bad == 0 and counts_ok}
 
 
+def check_decode_graph(dk, dv, group, dtype, gen):
+    """The default decode path captured in a CUDA graph (as SGLang serves it): replays with new
+    queries match eager calls, counters included."""
+    hkv = 2
+    hq = hkv * group
+    lens = [random.randint(1, 3000), 4097, 64]
+    ctx = to_cuda(make_batch(lens, [1] * 3, hq, hkv, dk, dv, 16, dtype, gen, sink_every=97, lean_per_kv_head=True))
+    factor = torch.full((hq,), 50.0, device="cuda")
+    splits = torch.tensor([3, 8, 1], dtype=torch.int32, device="cuda")
+    q, out = ctx.q.clone(), torch.empty(len(lens), hq, dv, dtype=dtype, device="cuda")
+    stats = torch.zeros(hq, 2, dtype=torch.int32, device="cuda")
+    part_o = torch.empty(len(lens), hq, 8, dv, device="cuda")
+    part_lse = torch.empty(len(lens), hq, 8, device="cuda")
+
+    def run(query, st):
+        return decode_attention(query, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
+                                threshold_scale_factor=factor, num_kv_splits=splits, max_kv_splits=8, stats=st,
+                                out=out, partial_out=part_o, partial_lse=part_lse)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(q, stats)  # warm-up: compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(q, stats)
+    worst, counts_ok = 0.0, True
+    for _ in range(3):
+        q.copy_(torch.randn_like(q) * ctx.q.float().std().to(dtype))
+        stats.zero_()
+        graph.replay()
+        got, got_stats = out.clone(), stats.clone()
+        eager_stats = torch.zeros_like(stats)
+        want = run(q, eager_stats).clone()
+        worst = max(worst, rel(got, want))
+        counts_ok &= torch.equal(got_stats, eager_stats)
+    return {"rel_err": worst, "counts_equal": bool(counts_ok), "ok": worst < 1e-6 and counts_ok}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--phases", default="extend,no-prefix,prefix,padding,decode",
+    ap.add_argument("--phases", default="extend,no-prefix,prefix,padding,decode,decode-graph",
                     help="comma-separated subset of the checks to run")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
@@ -188,9 +228,12 @@ def main():
                 for phase, fn in (("extend", check_extend),
                                   ("no-prefix", lambda *a: check_counters(*a, with_prefix=False)),
                                   ("prefix", lambda *a: check_counters(*a, with_prefix=True)),
-                                  ("padding", check_padding), ("decode", check_decode)):
+                                  ("padding", check_padding), ("decode", check_decode),
+                                  ("decode-graph", check_decode_graph)):
                     if phase not in phases:
                         continue
+                    if phase == "decode-graph" and ((dk, dv) not in ((64, 64), (128, 128)) or dtype == torch.float32):
+                        continue  # the Gluon decode's cases (the others run the Triton kernel)
                     if phase == "decode" and (dk, dv) == (192, 128):
                         continue  # MLA decode uses the absorbed 576/512 form
                     if phase in ("padding", "no-prefix", "prefix") and dk != dv:
