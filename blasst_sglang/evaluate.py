@@ -50,6 +50,9 @@ __all__ = [
     "write_results",
 ]
 
+#: Tile settings a calibration records and an evaluation of it must run with.
+TILE_FIELDS = ("block_m", "block_n", "decode_block_n", "decode_splits")
+
 #: Essay tokens skipped before the evaluation text (calibration windows start at token 0).
 EVAL_OFFSET_TOKENS = 60_000
 
@@ -64,6 +67,8 @@ class EvalConfig:
         target: calibrated target sparsity, ``None`` for explicit factors.
         prefill: ``(num_layers, num_heads)`` float32 prefill factors. decode: same for decode,
             ``None`` = dense decode.
+        tiles: ``block_m``/``block_n``/``decode_block_n``/``decode_splits`` to run with (a
+            calibration's own; empty: :class:`~blasst_sglang.hf_attention.BlasstSettings` defaults).
     """
 
     label: str
@@ -71,6 +76,7 @@ class EvalConfig:
     target: Optional[float]
     prefill: torch.Tensor
     decode: Optional[torch.Tensor] = None
+    tiles: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,13 +118,15 @@ def configs_from_calibration(
         granularity cannot reach (in either phase) to the reason, with the largest reachable sparsity.
     """
     out, unreachable = [], {}
+    # Factors only mean what they were calibrated to at the tiles they were measured with.
+    tiles = {k: getattr(calib, k) for k in TILE_FIELDS}
     for t in targets:
         for g in granularities:
             label = f"{g} @{t:g}"
             try:
                 prefill = calib.scale_factors("prefill", t, g)
                 decode = calib.scale_factors("decode", t, g) if "decode" in calib.phases else None
-                out.append(EvalConfig(label, g, float(t), prefill, decode))
+                out.append(EvalConfig(label, g, float(t), prefill, decode, tiles))
             except UnreachableTarget as exc:
                 unreachable[label] = str(exc)
     return out, unreachable
@@ -140,7 +148,7 @@ def _settings(config: Optional[EvalConfig], record: bool):
 
     if config is None:
         return BlasstSettings(record=record)
-    return BlasstSettings(scale_factor=config.prefill, decode_scale_factor=config.decode, record=record)
+    return BlasstSettings(scale_factor=config.prefill, decode_scale_factor=config.decode, record=record, **config.tiles)
 
 
 def _overall_sparsity(recording, phase: str) -> float:
@@ -333,7 +341,7 @@ def _run_eval(args) -> int:
         "needle_lengths": args.needle_lengths,
         "needle_depths": args.needle_depths,
         "unreachable": unreachable,
-        **{k: getattr(_settings(None, record=False), k) for k in ("block_m", "block_n", "decode_block_n", "decode_splits")},
+        **{k: getattr(_settings(configs[0] if configs else None, record=False), k) for k in TILE_FIELDS},
     }
     path = write_results(results, args.out, args.name, meta, f"BLASST vs dense: {model_id}, {args.text_len} tokens, last {args.last_n} ({model.device})")
     print(format_table(results))

@@ -26,6 +26,18 @@ def test_configs_from_calibration(rng):
     assert torch.equal(configs[2].prefill, calib.scale_factors("prefill", 0.5, "head"))
 
 
+def test_configs_run_at_the_calibrations_tiles(rng):
+    # Factors mean their target sparsity only at the tiles they were measured with.
+    from blasst_sglang.evaluate import _settings
+
+    calib = Calibration("m", 3, 4, 2, 64, 32, 16, 128, 2, {"prefill": fit_phase(synthetic_counts(rng))}, 0.7)
+    configs, _ = configs_from_calibration(calib, [0.5], ["uniform"])
+    settings = _settings(configs[0], record=False)
+    assert (settings.block_m, settings.block_n, settings.decode_block_n, settings.decode_splits) == (32, 16, 128, 2)
+    explicit = _settings(configs_from_factors([10.0], 3, 4)[0], record=False)
+    assert (explicit.block_m, explicit.block_n) == (64, 64)  # explicit factors: the defaults
+
+
 def test_unreachable_budget_targets_are_reported_not_run(rng):
     counts = synthetic_counts(rng)
     counts.skipped.clamp_(max=800.0)  # no head goes past 80 %
