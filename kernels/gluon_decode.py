@@ -16,8 +16,9 @@ after issuing it, so with most V skipped a CTA streamed K at ~70 % of copy bandw
   at most 3 are.
 
 64-key tiles, ``NK = 2``: 69 KB of shared memory and ~145 registers, three CTAs per SM.
-Measured on an H100 (``benchmarks/experiments/gluon_decode.py``): dense 0.96-0.99x copy
-bandwidth; ~76 % skipped 1.46-1.51x, ~93 % 1.62-1.77x (the Triton kernel: 1.19-1.21x, 1.20-1.37x).
+Measured on an H100 (``benchmarks/NOTES.md``, v6): dense 0.96-0.99x copy bandwidth; at ~70 % of
+tiles skipped 1.27-1.32x (the Triton kernel at 128-key tiles: 1.15-1.31x), at ~90 % 1.43-1.52x
+(1.18-1.45x); about 80-85 % of what reading every K and the kept V allows.
 """
 
 from __future__ import annotations
