@@ -29,6 +29,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .gluon_prefill import _log2_lambda
 from .triton_decode import decode_merge_kernel
 
 __all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS", "MAX_GROUP"]
@@ -99,8 +100,7 @@ def gluon_decode_kernel(
     q = gl.convert_layout(gl.load(q_ptrs, mask=h_ok[:, None], other=0.0), A_OP)
     log2_lam = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
     if SKIP:
-        lam = gl.load(scale_ptr + gl.where(h_ok, heads, 0)) / kv_len.to(gl.float32)
-        log2_lam = gl.where((lam > 0) & (lam < 1), gl.log2(gl.maximum(lam, 1e-30)), float("-inf"))
+        log2_lam = _log2_lambda(scale_ptr, gl.where(h_ok, heads, 0), kv_len)
     qk_scale = sm_scale * 1.4426950408889634  # 1/ln 2: exp2 instead of exp
 
     K = K_buf + kv_head * stride_bkh
