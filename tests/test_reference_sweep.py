@@ -43,7 +43,9 @@ def test_decode_sweep_rejects_bad_grouping():
 
 @pytest.mark.parametrize("prefix_len", [0, 40])
 def test_prefill_sweep_matches_reference(prefix_len, rng):
-    hq, hkv, block_m, block_n, new = 4, 2, 16, 16, 160
+    # 8 query heads: their leans on the sink spread over [0, 1.5], so some head always has tiles of
+    # real weight to skip (with 4, ~2 % of seeds skipped < 1e-3 of weight and tripped the last check).
+    hq, hkv, block_m, block_n, new = 8, 2, 16, 16, 160
     batch = make_batch([prefix_len], [new], hq, hkv, 64, 64, 16, torch.float32, rng)
     q, k, v = batch.sequence(0)
     log_lams = torch.linspace(math.log(1e-4), math.log(0.9), 5)  # up to 0.9: tiles of real weight get skipped
