@@ -122,14 +122,15 @@ def extend_fwd_kernel(
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
-    q_start = tl.load(qo_indptr + seq)
-    ext_len = tl.load(qo_indptr + seq + 1) - q_start
+    # int32 positions whatever the indptr dtype: TMA coordinates must be 32-bit.
+    q_start = tl.load(qo_indptr + seq).to(tl.int32)
+    ext_len = tl.load(qo_indptr + seq + 1).to(tl.int32) - q_start
     if pid_m * BLOCK_M >= ext_len:
         return
     # Causal blocks further down have more key tiles: launch those first (a shorter tail).
     pid_m = tl.cdiv(ext_len, BLOCK_M) - 1 - pid_m
-    kv_start = tl.load(kv_indptr + seq)
-    prefix_len = tl.load(kv_indptr + seq + 1) - kv_start
+    kv_start = tl.load(kv_indptr + seq).to(tl.int32)
+    prefix_len = tl.load(kv_indptr + seq + 1).to(tl.int32) - kv_start
     kv_head = head // kv_group
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
