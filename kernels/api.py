@@ -16,6 +16,7 @@ no host sync, so CUDA graphs can capture the call. See :mod:`blasst_kernels.thre
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -156,7 +157,17 @@ def _scale_tensor(factor: Union[ScaleFactor, torch.Tensor], num_heads: int, devi
     values = validate_scale_factor(factor, num_heads, "threshold_scale_factor")
     if values is None:
         return None
-    return values.to(torch.float32).expand(num_heads).contiguous().to(device)
+    if device.type == "cuda":
+        return _device_factors(tuple(values.tolist()), num_heads, device)
+    return values.to(torch.float32).expand(num_heads).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_factors(values: Tuple[float, ...], num_heads: int, device: torch.device) -> torch.Tensor:
+    """The ``(num_heads,)`` float32 device copy of validated factors, made once per (values, heads,
+    device): a copy from pageable host memory synchronises the stream, so making it on every call
+    left the GPU idle while the host launched the next kernel (the kernels only read it)."""
+    return torch.tensor(values, dtype=torch.float32).expand(num_heads).contiguous().to(device)
 
 
 def _output(out: Optional[torch.Tensor], shape: Tuple[int, ...], q: torch.Tensor) -> torch.Tensor:

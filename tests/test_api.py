@@ -89,3 +89,14 @@ def test_prefill_defaults_fit_shared_memory(dk, dv):
         tiles = element_size * (opts.block_m * dk + opts.num_stages * opts.block_n * (dk + dv))
         assert tiles <= _PREFILL_SMEM_BUDGET or opts.num_stages == 1
     assert _fit_stages(base, dk, dv, 2) == base  # 16-bit inputs keep the measured defaults
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device copy of a float factor needs a GPU")
+def test_float_factors_are_copied_to_the_gpu_once():
+    """A float factor becomes one cached device tensor: a copy per call would synchronise the stream."""
+    from blasst_kernels.api import _scale_tensor
+
+    dev = torch.device("cuda")
+    first = _scale_tensor(300.0, 8, dev)
+    assert first.device.type == "cuda" and first.dtype == torch.float32 and first.tolist() == [300.0] * 8
+    assert _scale_tensor(300.0, 8, dev) is first and _scale_tensor(301.0, 8, dev) is not first
