@@ -112,6 +112,14 @@ class BlasstAttnBackend(TritonAttnBackend):
             for phase, table in tables.items()
         }
         self._calibrated_tiles = self.config.calibrated_tiles()
+        # Per layer, the prefill sparsity the calibration predicts at these factors (a speed hint for
+        # the kernels, KernelOptions.expected_sparsity); None without one.
+        self._prefill_expected: Optional[List[float]] = None
+        if tables["prefill"] is not None:
+            predicted = self.config.predicted_sparsity("prefill", tables["prefill"])
+            if predicted is not None:
+                local = predicted[:, head_start : head_start + self.num_local_heads]
+                self._prefill_expected = local.mean(dim=1).tolist()
         self._option_cache: Dict[tuple, blasst_kernels.KernelOptions] = {}
         self.fallbacks: Counter = Counter()
         self.counters = (
@@ -219,7 +227,7 @@ class BlasstAttnBackend(TritonAttnBackend):
         blasst_kernels.extend_attention(
             q, k, v, *buffers, qo_indptr, kv_indptr, kv_indices,
             sm_scale=sm_scale, causal=True, threshold_scale_factor=self._factors["prefill"].for_layer(layer_id),
-            max_extend_len=max_extend_len, stats=stats, out=o, options=self._options("prefill", q, o),
+            max_extend_len=max_extend_len, stats=stats, out=o, options=self._options("prefill", q, o, layer_id),
         )
         if stats is not None:
             self.counters.commit("prefill", layer_id)
@@ -259,17 +267,21 @@ class BlasstAttnBackend(TritonAttnBackend):
         if stats is not None:
             self.counters.commit("decode", layer_id)
 
-    def _options(self, phase: str, q: torch.Tensor, o: torch.Tensor) -> blasst_kernels.KernelOptions:
+    def _options(self, phase: str, q: torch.Tensor, o: torch.Tensor, layer_id: Optional[int] = None) -> blasst_kernels.KernelOptions:
         """Kernel options for ``phase`` at these head dims: the kernels' defaults, with the tile sizes
         a calibration was measured with when the phase's factors come from one (so the sparsity
-        reached is the one targeted)."""
-        key = (phase, q.shape[-1], o.shape[-1])
+        reached is the one targeted), and for prefill the layer's predicted sparsity as
+        ``expected_sparsity`` when a calibration gives it."""
+        expected = None
+        if phase == "prefill" and self._prefill_expected is not None and layer_id is not None:
+            expected = min(max(self._prefill_expected[layer_id], 0.0), 1.0)
+        key = (phase, q.shape[-1], o.shape[-1], expected)
         if key not in self._option_cache:
             opts = blasst_kernels.default_options(key[1], key[2], phase)
             tiles = self._calibrated_tiles.get(phase)
             if tiles is not None:
                 opts = dataclasses.replace(opts, block_m=tiles[0], block_n=tiles[1])
-            self._option_cache[key] = opts
+            self._option_cache[key] = dataclasses.replace(opts, expected_sparsity=expected)
         return self._option_cache[key]
 
     def _unsupported(self, q, o, k_buffer, v_buffer, k_descale, v_descale, options) -> Optional[str]:

@@ -581,6 +581,28 @@ class PhaseCalibration:
             return torch.tensor([[f.scale_factor(target_sparsity) for f in row] for row in self.head_fits], dtype=torch.float32)
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
+    def predicted_sparsity(self, factors: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sparsity each (layer, head) reached at ``factors`` on the calibration runs: ``(num_layers,
+        num_heads)`` float32, read off the measured curves (linear in log factor between grid points,
+        the nearest end outside them, 0 where the factor is 0); ``None`` without curves (version 1).
+
+        ``factors``: ``(num_layers, num_heads)`` threshold scale factors, e.g. :meth:`scale_factors`'."""
+        if self.budget is None:
+            return None
+        grid = self.budget.factors.double().log()
+        curves = self.budget.sparsity.double()
+        f = factors.double()
+        if f.shape != curves.shape[:2]:
+            raise ValueError(f"factors of shape {tuple(f.shape)}, the calibration has {tuple(curves.shape[:2])}")
+        if len(grid) == 1:
+            return torch.where(f > 0, curves[..., 0], torch.zeros_like(f)).float()
+        x = f.clamp(min=float(self.budget.factors[0])).log().clamp(max=float(grid[-1]))
+        hi = torch.searchsorted(grid, x.reshape(-1)).clamp(1, len(grid) - 1).view_as(x)
+        x0, x1 = grid[hi - 1], grid[hi]
+        y0, y1 = curves.gather(2, (hi - 1)[..., None])[..., 0], curves.gather(2, hi[..., None])[..., 0]
+        y = y0 + (y1 - y0) * ((x - x0) / (x1 - x0)).clamp(0, 1)
+        return torch.where(f > 0, y, torch.zeros_like(y)).float()
+
     def allocation(self, target_sparsity: float, granularity: str) -> Allocation:
         """The budget allocation (``"layer-budget"``/``"head-budget"``) for ``target_sparsity``; see
         :meth:`BudgetCurves.allocation`. ``ValueError`` when the phase has no curves (version 1 file)."""

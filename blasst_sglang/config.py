@@ -209,6 +209,17 @@ class BlasstConfig:
             tables[phase] = None if table is None or bool((table == 0).all()) else table
         return tables
 
+    def predicted_sparsity(self, phase: str, table: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(num_layers, num_heads)`` sparsity the calibration measured at the factors ``table`` of
+        ``phase`` (:meth:`PhaseCalibration.predicted_sparsity`); ``None`` without a calibration, or
+        when it lacks the phase or its curves. The backend passes it to the kernels as a speed hint."""
+        if self.calibration is None:
+            return None
+        calib = self._load_calibration(*table.shape)
+        if phase not in calib.phases:
+            return None
+        return calib.phase(phase).predicted_sparsity(table)
+
     def calibrated_tiles(self) -> Dict[str, Tuple[int, int]]:
         """Per phase whose factors come from the calibration: the ``(block_m, block_n)`` tiles it was
         measured with (decode: ``(16, decode_block_n)``). Empty without a calibration."""

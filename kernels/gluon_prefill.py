@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["gluon_prefill", "HALF_M", "CTA_M", "DENSE_DEFAULTS", "SKIP_DEFAULTS", "launch_config"]
+__all__ = ["gluon_prefill", "HALF_M", "CTA_M", "DENSE_DEFAULTS", "SKIP_DEFAULTS", "SPECULATE_BELOW", "launch_config"]
 
 HALF_M = 64  # query rows per consumer warpgroup (the skip-decision granularity)
 CTA_M = 2 * HALF_M  # query rows per CTA
@@ -682,28 +682,38 @@ def make_descriptors(q, k, v, block_n: int):
 DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
 SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
 LAZY_V_MIN_KEYS = 49152
+#: Expected sparsity below which skip mode speculates (``spec=True``: a tile's exps are computed
+#: while its decision's barrier completes, and dropped when it is skipped). H100, 16K/32K GQA
+#: (``results/experiments/gluon_H100/gluon_v10_spec_vs_vote_16k_32k.json``): with nothing skipped
+#: 0.99-1.00x dense against 0.90-0.94x deciding first; at ~70 % skipped 15-17 % slower. The two
+#: pipelines' times cross at 20 % (16K) to 30 % (32K) skipped.
+SPECULATE_BELOW = 0.25
 _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "lazy_v", "zero_tail_v", "consumer_regs",
                 "producer_regs", "maxnreg")
 
 
-def launch_config(skip: bool, max_keys: int = 0, **tuning) -> dict:
-    """The tuning a launch uses: the mode's defaults overridden by ``tuning``; in skip mode, unless
-    ``tuning`` sets ``lazy_v``, lazy V loads when a sequence may see ``max_keys >= LAZY_V_MIN_KEYS``
-    keys and the loop supports them (overlap, vote=1)."""
+def launch_config(skip: bool, max_keys: int = 0, speculate: bool = False, **tuning) -> dict:
+    """The tuning a launch uses: the mode's defaults overridden by ``tuning``. In skip mode,
+    ``speculate`` computes exps before the decision (``spec=True``, every V loaded: for launches
+    expected to skip little, see :data:`SPECULATE_BELOW`); otherwise, unless ``tuning`` sets
+    ``lazy_v``, lazy V loads when a sequence may see ``max_keys >= LAZY_V_MIN_KEYS`` keys and the
+    loop supports them (overlap, vote=1)."""
     unknown = set(tuning) - set(_TUNING_KEYS)
     if unknown:
         raise TypeError(f"gluon_prefill: unknown tuning keys {sorted(unknown)}")
     cfg = dict(zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
     cfg.update(SKIP_DEFAULTS if skip else DENSE_DEFAULTS)
+    if skip and speculate:
+        cfg["spec"] = True
     cfg.update(tuning)
-    if (skip and "lazy_v" not in tuning and cfg["overlap"] and cfg["vote"] == 1
+    if (skip and not speculate and "lazy_v" not in tuning and cfg["overlap"] and cfg["vote"] == 1
             and max_keys >= LAZY_V_MIN_KEYS):
         cfg["lazy_v"] = 2
     return cfg
 
 
 def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, max_extend_len,
-                  block_n=128, k_prefix=None, v_prefix=None, kv_indptr=None, **tuning):
+                  block_n=128, k_prefix=None, v_prefix=None, kv_indptr=None, speculate=False, **tuning):
     """Ragged causal BLASST prefill/extend on Hopper, warp-specialised Gluon kernel.
 
     Args:
@@ -723,6 +733,8 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         k_prefix, v_prefix, kv_indptr: optional cached prefixes, gathered: ``(P, Hkv, D)`` contiguous
             (rows ``kv_indptr[b]:kv_indptr[b+1]`` are sequence ``b``'s prefix, which new token ``i``
             sees whole, before keys ``0..i`` of its own new tokens) and ``(B + 1,)`` int32/int64.
+        speculate: skip mode computes a tile's exps before its decision (see :func:`launch_config`);
+            same decisions and results, speed only.
         tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` and the length rule of
             :func:`launch_config` (callers normally pass none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
             ``v_early`` (producer issues V_j right after K_j), ``kv_bar`` (one empty barrier per stage
@@ -750,7 +762,7 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     skip = scale is not None
     has_prefix = k_prefix is not None and k_prefix.shape[0] > 0
     # Keys a sequence may see, without a device sync: all cached prefix rows count (exact at batch 1).
-    cfg = launch_config(skip, max_extend_len + (k_prefix.shape[0] if has_prefix else 0), **tuning)
+    cfg = launch_config(skip, max_extend_len + (k_prefix.shape[0] if has_prefix else 0), speculate, **tuning)
     q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
     if has_prefix:
         assert cfg["overlap"] and cfg["v_early"], "a cached prefix needs overlap and v_early"

@@ -55,6 +55,9 @@ def test_bad_threshold_and_options():
         KernelOptions(48, 16)
     with pytest.raises(ValueError, match="kernel must be"):
         KernelOptions(64, 64, kernel="gluon")
+    for bad in (-0.1, 1.5, float("nan"), True, "0.3"):
+        with pytest.raises(ValueError, match=f"expected_sparsity must be None or in \\[0, 1\\], got {bad!r}"):
+            KernelOptions(64, 64, expected_sparsity=bad)
 
 
 def test_decode_bad_inputs():

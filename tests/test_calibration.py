@@ -241,6 +241,29 @@ def test_budget_granularities(rng):
             ph.scale_factors(0.85, g)
 
 
+def test_predicted_sparsity_reads_the_measured_curves(rng):
+    counts = synthetic_counts(rng)
+    ph = fit_phase(counts)
+    grid, curves = ph.budget.factors, ph.budget.sparsity
+    at_grid = ph.predicted_sparsity(grid[7].float().expand(NUM_LAYERS, NUM_HEADS))
+    assert at_grid.dtype == torch.float32 and torch.allclose(at_grid.double(), curves[..., 7], atol=1e-6)
+    # Between grid points: linear in log factor, so the geometric mean lands halfway.
+    mid = ph.predicted_sparsity((grid[7] * grid[8]).sqrt().float().expand(NUM_LAYERS, NUM_HEADS))
+    assert torch.allclose(mid.double(), (curves[..., 7] + curves[..., 8]) / 2, atol=1e-5)
+    # Outside the grid: the nearest end; factor 0 (dense): nothing skipped.
+    ends = torch.tensor([[grid[0] / 10, grid[-1] * 10, 0.0, grid[3]]] * NUM_LAYERS, dtype=torch.float32)
+    got = ph.predicted_sparsity(ends)
+    assert torch.allclose(got[:, 0].double(), curves[:, 0, 0], atol=1e-6)
+    assert torch.allclose(got[:, 1].double(), curves[:, 1, -1], atol=1e-6)
+    assert (got[:, 2] == 0).all()
+    # The budget allocation's own prediction, head by head.
+    for g in ("layer-budget", "head-budget"):
+        alloc = ph.allocation(0.5, g)
+        assert float(ph.predicted_sparsity(alloc.factors).mean()) == pytest.approx(alloc.sparsity, abs=1e-5)
+    with pytest.raises(ValueError, match=r"factors of shape \(2, 4\)"):
+        ph.predicted_sparsity(torch.ones(2, NUM_HEADS))
+
+
 def test_layer_weights_move_the_budget_to_cheap_layers():
     # Three layers with the same curves: weighted 10 / 1 / 1, the heavy layer is spared.
     grid = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)

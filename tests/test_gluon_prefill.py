@@ -26,16 +26,21 @@ def test_launch_config_defaults_and_overrides():
     assert gp.launch_config(True, 1 << 20, lazy_v=0)["lazy_v"] == 0
     assert gp.launch_config(True, lazy_v=0, num_stages=3)["num_stages"] == 3
     assert gp.launch_config(True, 1 << 20, overlap=False)["lazy_v"] == 0  # the plain loop has no lazy V
+    # Speculation (launches expected to skip little): exps before the decision, every V loaded.
+    spec = gp.launch_config(True, 1 << 20, speculate=True)
+    assert spec["spec"] and spec["lazy_v"] == 0
+    assert not gp.launch_config(False, 1 << 20, speculate=True)["spec"]  # dense mode has no decision
+    assert not gp.launch_config(True, 1 << 20)["spec"]
     with pytest.raises(TypeError, match="lazy"):
         gp.launch_config(True, lazy=1)
 
 
-def _compile(skip, prefix=True, **tuning):
+def _compile(skip, prefix=True, speculate=False, **tuning):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = gp.launch_config(skip, 1 << 20, **tuning)
+    cfg = gp.launch_config(skip, 1 << 20, speculate, **tuning)
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)
@@ -61,9 +66,9 @@ def _compile_in_subprocess(skip, **kw):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["dense", "skip"])
-def test_defaults_compile_for_sm90_without_spills(skip):
-    rc, out, err = _compile_in_subprocess(skip)
+@pytest.mark.parametrize("skip,speculate", [(False, False), (True, False), (True, True)], ids=["dense", "skip", "speculate"])
+def test_defaults_compile_for_sm90_without_spills(skip, speculate):
+    rc, out, err = _compile_in_subprocess(skip, speculate=speculate)
     assert rc == 0, err[-3000:]
     ptx = out
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx

@@ -6,6 +6,7 @@ fixtures (mock ModelRunner, ``ReqToTokenPool``, ``MHATokenToKVPool``, shuffled p
 q/k/v written into the pools, so that skipping really happens. Needs SGLang; skipped without it.
 """
 
+import dataclasses
 import logging
 import math
 import unittest
@@ -26,6 +27,7 @@ from sglang.srt.model_executor.forward_context import ForwardContext, forward_co
 from sglang.srt.runtime_context import get_parallel  # noqa: E402
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
 
+import blasst_kernels  # noqa: E402
 from blasst_kernels import TileState, default_options, log_lambda  # noqa: E402
 from blasst_kernels.reference import decode_reference, prefill_reference  # noqa: E402
 from blasst_sglang.backend import BlasstAttnBackend  # noqa: E402
@@ -250,6 +252,35 @@ def test_per_head_factors_are_sliced_for_this_tp_rank(rng, tmp_path):
     assert torch.equal(backend.threshold_scale_factors("prefill").cpu(), factors[:, 4:])
     assert backend.threshold_scale_factors("decode") is None
     check_against_reference(batch, backend, run(backend, batch), factors[0, 4:].tolist())
+
+
+def test_calibrated_prefill_passes_each_layers_predicted_sparsity(rng, tmp_path, monkeypatch):
+    """With curves in the calibration, each prefill launch carries the sparsity the calibration
+    measured for this rank's heads of the layer at their factors (a speed hint: results unchanged)."""
+    calibration = pytest.importorskip("blasst_sglang.calibration")
+    from test_sglang_plugin import make_calibration
+
+    factors = torch.tensor([[0.25, 0.5, 1.0, 2.0, 1e-3, 1.0, 4.0, 30.0]])
+    calib = make_calibration(calibration, 1, 8, factors.tolist())
+    grid = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
+    curves = torch.linspace(0, 0.9, 5, dtype=torch.float64).expand(1, 8, 5) * (1 + torch.arange(8.0))[None, :, None] / 8
+    calib = dataclasses.replace(calib, phases={  # curves in every phase: a version 2+ file
+        name: dataclasses.replace(ph, budget=calibration.BudgetCurves(grid, curves, curves / 10, group))
+        for (name, ph), group in zip(calib.phases.items(), (1, 2))
+    })
+    path = tmp_path / "calib.json"
+    calib.save(path)
+    expected = float(calibration.load_calibration(path).phase("prefill").predicted_sparsity(factors)[0, 4:].mean())
+    batch = make_batch(rng, "extend", 4, 2, 16, (90, 20), (140, 60))
+    batch.fx.runner.model_config.num_attention_heads = 8
+    batch.fx.runner.model_config.num_key_value_heads = 4
+    config = BlasstConfig(calibration=str(path), target_sparsity=0.5, decode_threshold_scale=0.0, stats_interval=1)
+    seen = []
+    launch = blasst_kernels.extend_attention
+    monkeypatch.setattr(blasst_kernels, "extend_attention", lambda *a, **kw: seen.append(kw["options"]) or launch(*a, **kw))
+    backend = blasst_backend(batch, config, attn_tp_size=2, attn_tp_rank=1)
+    check_against_reference(batch, backend, run(backend, batch), factors[0, 4:].tolist())
+    assert [o.expected_sparsity for o in seen] == [pytest.approx(expected)] and 0 < expected < 1
 
 
 def test_mla_mha_form_without_prefix(rng):
