@@ -69,8 +69,9 @@ def gluon_decode_kernel(
     seq = gl.program_id(0)
     kv_head = gl.program_id(1)
     split = gl.program_id(2)
-    kv_start = gl.load(kv_indptr + seq)
-    kv_len = gl.load(kv_indptr + seq + 1) - kv_start
+    # int32 positions whatever the indptr dtype: shared-memory ring indices must be 32-bit.
+    kv_start = gl.load(kv_indptr + seq).to(gl.int32)
+    kv_len = gl.load(kv_indptr + seq + 1).to(gl.int32) - kv_start
     n_splits = gl.minimum(gl.load(num_splits_ptr + seq), max_splits)
     # Splits are whole tiles: ceil(ceil(kv_len / n_splits) / BLOCK_N) * BLOCK_N keys each.
     split_len = gl.cdiv(gl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N

@@ -35,7 +35,7 @@ def test_launch_config_defaults_and_overrides():
         gp.launch_config(True, lazy=1)
 
 
-def _compile(skip, prefix=True, speculate=False, **tuning):
+def _compile(skip, prefix=True, speculate=False, indptr="i32", **tuning):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -47,7 +47,7 @@ def _compile(skip, prefix=True, speculate=False, **tuning):
         return f"tensordesc<bf16[{rows}, 128],{layout!r}>"
 
     sig = {"q_desc": desc(gp.HALF_M), "k_desc": desc(128), "v_desc": desc(128), "kp_desc": desc(128),
-           "vp_desc": desc(128), "out_ptr": "*bf16", "qo_indptr": "*i32", "kv_indptr": "*i32", "scale_ptr": "*fp32",
+           "vp_desc": desc(128), "out_ptr": "*bf16", "qo_indptr": f"*{indptr}", "kv_indptr": f"*{indptr}", "scale_ptr": "*fp32",
            "stats_ptr": "*i32", "sm_scale": "fp32", "kv_group": "i32", "stride_ot": "i32", "stride_oh": "i32"}
     consts = dict(BLOCK_N=128, HEAD_D=128, NUM_STAGES=cfg["num_stages"], SKIP=skip, COUNT=skip, ZERO_TAIL_V=True,
                   OVERLAP=cfg["overlap"], CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"],
@@ -66,9 +66,10 @@ def _compile_in_subprocess(skip, **kw):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("skip,speculate", [(False, False), (True, False), (True, True)], ids=["dense", "skip", "speculate"])
-def test_defaults_compile_for_sm90_without_spills(skip, speculate):
-    rc, out, err = _compile_in_subprocess(skip, speculate=speculate)
+@pytest.mark.parametrize("skip,speculate,indptr", [(False, False, "i32"), (True, False, "i32"), (True, True, "i32"),
+                                                   (True, False, "i64")], ids=["dense", "skip", "speculate", "skip-i64"])
+def test_defaults_compile_for_sm90_without_spills(skip, speculate, indptr):
+    rc, out, err = _compile_in_subprocess(skip, speculate=speculate, indptr=indptr)
     assert rc == 0, err[-3000:]
     ptx = out
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
