@@ -10,6 +10,7 @@ the default (GPU) tile sizes. Prints one line per case and writes ``check_kernel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -100,11 +101,12 @@ def check_padding(dk, dv, group, dtype, gen):
     return {"rel_err": worst, "ok": worst < TOL[dtype]}
 
 
-def check_counters(dk, dv, group, dtype, gen, with_prefix):
+def check_counters(dk, dv, group, dtype, gen, with_prefix, expected_sparsity=None):
     """Ragged causal extend with skipping and no skip map, as SGLang sends it (on an H100 at d=128
     this is the Gluon kernel, which records no map): output against the reference, visited tiles
     exact, skipped tiles exact up to decisions within rounding. Without a prefix, as a first chunk;
-    with one (paged, page 16), as a later chunk or a radix-cache hit."""
+    with one (paged, page 16), as a later chunk or a radix-cache hit. ``expected_sparsity`` is passed
+    as the kernels' hint (0: the Gluon prefill speculates)."""
     hkv = 2
     hq = hkv * group
     lens = [random.randint(1, 900), 1000, 77, 129, 33]  # 33 + prefix < factor: λ >= 1, that sequence is dense
@@ -116,10 +118,10 @@ def check_counters(dk, dv, group, dtype, gen, with_prefix):
     factor = 50.0
     stats = torch.zeros(hq, 2, dtype=torch.int32, device="cuda")
     out = torch.full((batch.q.shape[0], hq, dv), float("nan"), dtype=dtype, device="cuda")
+    opts = dataclasses.replace(default_options(dk, dv, "prefill"), expected_sparsity=expected_sparsity)
     out = extend_attention(q, k, v, batch.k_buffer, batch.v_buffer, batch.qo_indptr, batch.kv_indptr,
                            batch.kv_indices, max_extend_len=max(lens), threshold_scale_factor=factor, stats=stats,
-                           out=out)
-    opts = default_options(dk, dv, "prefill")
+                           out=out, options=opts)
     worst, visited, skipped, near = 0.0, 0, 0, 0
     for b, (p, n) in enumerate(zip(prefix, lens)):
         q, k, v = batch.sequence(b)
@@ -214,7 +216,7 @@ def check_decode_graph(dk, dv, group, dtype, gen):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--phases", default="extend,no-prefix,prefix,padding,decode,decode-graph",
+    ap.add_argument("--phases", default="extend,no-prefix,prefix,no-prefix-spec,prefix-spec,padding,decode,decode-graph",
                     help="comma-separated subset of the checks to run")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
@@ -228,6 +230,8 @@ def main():
                 for phase, fn in (("extend", check_extend),
                                   ("no-prefix", lambda *a: check_counters(*a, with_prefix=False)),
                                   ("prefix", lambda *a: check_counters(*a, with_prefix=True)),
+                                  ("no-prefix-spec", lambda *a: check_counters(*a, False, expected_sparsity=0.0)),
+                                  ("prefix-spec", lambda *a: check_counters(*a, True, expected_sparsity=0.0)),
                                   ("padding", check_padding), ("decode", check_decode),
                                   ("decode-graph", check_decode_graph)):
                     if phase not in phases:
@@ -236,6 +240,8 @@ def main():
                         continue  # the Gluon decode's cases (the others run the Triton kernel)
                     if phase == "decode" and (dk, dv) == (192, 128):
                         continue  # MLA decode uses the absorbed 576/512 form
+                    if phase.endswith("-spec") and ((dk, dv) != (128, 128) or dtype == torch.float32):
+                        continue  # the hint changes only the Gluon prefill (d=128, fp16/bf16)
                     if phase in ("padding", "no-prefix", "prefix") and dk != dv:
                         continue  # MLA prefill goes through extend_attention with a prefix
                     row = {"phase": phase, "dk": dk, "dv": dv, "dtype": str(dtype), "group": group}

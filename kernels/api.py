@@ -57,8 +57,8 @@ class KernelOptions:
 
     ``expected_sparsity`` (in [0, 1], or ``None``: unknown) is the fraction of tiles the caller
     expects skipped, e.g. a calibration's prediction for one layer. It changes speed only: below
-    ``gluon_prefill.SPECULATE_BELOW`` (0.25) the Gluon prefill computes a tile's exponentials while
-    its skip decision is still being voted, which costs nothing when the tile is kept and is wasted
+    ``gluon_prefill.SPECULATE_BELOW`` (0.25) the Gluon prefill (launches without a cached prefix,
+    for now) computes a tile's exponentials while its skip decision is still being voted, which costs nothing when the tile is kept and is wasted
     when it is skipped (H100: 0.99-1.00x dense speed with nothing skipped, against 0.90-0.94x; 15-17 %
     slower at ~70 %). The Triton kernels and the decode ignore it.
     """
@@ -300,7 +300,10 @@ def extend_attention(
         gluon_prefill(
             q, k, v, out, qo_indptr, scale, stats,
             sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), max_extend_len=int(max_extend_len),
-            block_n=opts.block_n, speculate=opts.expected_sparsity is not None and opts.expected_sparsity < SPECULATE_BELOW,
+            # Speculation has run on a GPU without cached prefixes only (benchmarks/check_kernels_gpu.py
+            # --phases prefix-spec checks it with them).
+            block_n=opts.block_n, speculate=not prefix and opts.expected_sparsity is not None
+            and opts.expected_sparsity < SPECULATE_BELOW,
             **prefix,
         )
     elif batch and max_extend_len > 0:
