@@ -274,7 +274,7 @@ class BlasstAttnBackend(TritonAttnBackend):
         ``expected_sparsity`` when a calibration gives it."""
         expected = None
         if phase == "prefill" and self._prefill_expected is not None and layer_id is not None:
-            expected = min(max(self._prefill_expected[layer_id], 0.0), 1.0)
+            expected = self._prefill_expected[layer_id]
         key = (phase, q.shape[-1], o.shape[-1], expected)
         if key not in self._option_cache:
             opts = blasst_kernels.default_options(key[1], key[2], phase)

@@ -58,9 +58,10 @@ class KernelOptions:
     ``expected_sparsity`` (in [0, 1], or ``None``: unknown) is the fraction of tiles the caller
     expects skipped, e.g. a calibration's prediction for one layer. It changes speed only: below
     ``gluon_prefill.SPECULATE_BELOW`` (0.25) the Gluon prefill (launches without a cached prefix,
-    for now) computes a tile's exponentials while its skip decision is still being voted, which costs nothing when the tile is kept and is wasted
-    when it is skipped (H100: 0.99-1.00x dense speed with nothing skipped, against 0.90-0.94x; 15-17 %
-    slower at ~70 %). The Triton kernels and the decode ignore it.
+    for now) computes a tile's exponentials while its skip decision is still being voted, which
+    costs nothing when the tile is kept and is wasted when it is skipped (H100: 0.99-1.00x dense
+    speed with nothing skipped, against 0.90-0.94x; 15-17 % slower at ~70 %). The Triton kernels
+    and the decode ignore it.
     """
 
     block_m: int
