@@ -153,16 +153,14 @@ def prefill_rows(lens, hq, hkv, d, label):
             rows.append({**shape, "kernel": name, "sparsity": 0.0, "ms": bench(fn)})
         except Exception as exc:  # a baseline that fails is reported, not fatal
             rows.append({**shape, "kernel": name, "error": repr(exc)[:300]})
-    # Threshold on but nothing skippable (factor tiny): the cost of the skip check itself.
-    rows.append({**shape, "kernel": "blasst skip-on, ~0%", "sparsity": measured_sparsity(
-        lambda st: run_prefill(q, k, v, cu, max_len, 1e-6, st), hq),
-        "ms": bench(lambda: run_prefill(q, k, v, cu, max_len, 1e-6))})
-    # The same with the caller's hint that little will be skipped (KernelOptions.expected_sparsity,
-    # what the SGLang backend passes for a calibrated layer): the Gluon prefill speculates.
+    # Threshold on but nothing skippable (factor tiny): the cost of the skip check itself; then the
+    # same with the caller's hint that little will be skipped (KernelOptions.expected_sparsity, what
+    # the SGLang backend passes for a calibrated layer): the Gluon prefill speculates.
     hinted = dataclasses.replace(default_options(d, d, "prefill"), expected_sparsity=0.0)
-    rows.append({**shape, "kernel": "blasst skip-on, ~0%, hint 0", "sparsity": measured_sparsity(
-        lambda st: run_prefill(q, k, v, cu, max_len, 1e-6, st, options=hinted), hq),
-        "ms": bench(lambda: run_prefill(q, k, v, cu, max_len, 1e-6, options=hinted))})
+    for name, opts in (("blasst skip-on, ~0%", None), ("blasst skip-on, ~0%, hint 0", hinted)):
+        rows.append({**shape, "kernel": name, "sparsity": measured_sparsity(
+            lambda st: run_prefill(q, k, v, cu, max_len, 1e-6, st, options=opts), hq),
+            "ms": bench(lambda: run_prefill(q, k, v, cu, max_len, 1e-6, options=opts))})
     for target in TARGETS:
         for sharp in SHARPNESS:
             qs, ks, vs, cus = (q, k, v, cu) if sharp == 1.0 else prefill_inputs(lens, hq, hkv, d, sharp)

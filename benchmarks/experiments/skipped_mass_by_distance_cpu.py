@@ -30,7 +30,7 @@ BUCKETS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 10**9))
 BM = BN = 64
 
 
-def tile_masses(captured, length):
+def tile_masses(captured):
     """Per layer: ``(Hq, NQ, T)`` dense softmax mass of each tile, summed over its rows."""
     out = {}
     for layer, (q, k) in sorted(captured.items()):
@@ -76,7 +76,7 @@ def main():
     captured = {}
     with torch.no_grad(), capture_qk(model, lambda layer, q, k: captured.__setitem__(layer, (q, k))):
         model(ids)
-    masses = tile_masses(captured, args.length)
+    masses = tile_masses(captured)
     nq, nt = next(iter(masses.values())).shape[1:]
     dist = torch.arange(nq)[:, None] - torch.arange(nt)[None, :]  # tiles left of the diagonal
     rows = args.length * sum(m.shape[0] for m in masses.values())
