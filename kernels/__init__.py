@@ -11,6 +11,7 @@ from .api import (
     default_options,
     extend_attention,
     prefill_attention,
+    workspace_kv_splits,
 )
 from .reference import ReferenceResult, TileState, decode_reference, prefill_reference
 from .threshold import log_lambda, validate_scale_factor
@@ -29,4 +30,5 @@ __all__ = [
     "prefill_attention",
     "prefill_reference",
     "validate_scale_factor",
+    "workspace_kv_splits",
 ]

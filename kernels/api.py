@@ -33,6 +33,7 @@ __all__ = [
     "prefill_attention",
     "decode_attention",
     "default_num_kv_splits",
+    "workspace_kv_splits",
     "SUPPORTED_HEAD_DIMS",
 ]
 
@@ -57,11 +58,10 @@ class KernelOptions:
 
     ``expected_sparsity`` (in [0, 1], or ``None``: unknown) is the fraction of tiles the caller
     expects skipped, e.g. a calibration's prediction for one layer. It changes speed only: below
-    ``gluon_prefill.SPECULATE_BELOW`` (0.25) the Gluon prefill (launches without a cached prefix,
-    for now) computes a tile's exponentials while its skip decision is still being voted, which
-    costs nothing when the tile is kept and is wasted when it is skipped (H100: 0.99-1.00x dense
-    speed with nothing skipped, against 0.90-0.94x; 15-17 % slower at ~70 %). The Triton kernels
-    and the decode ignore it.
+    ``gluon_prefill.SPECULATE_BELOW`` (0.25) the Gluon prefill computes a tile's exponentials while
+    its skip decision is still being voted, which costs nothing when the tile is kept and is
+    wasted when it is skipped (H100: 0.99-1.00x dense speed with nothing skipped, against
+    0.90-0.94x; 15-17 % slower at ~70 %). The Triton kernels and the decode ignore it.
     """
 
     block_m: int
@@ -301,9 +301,7 @@ def extend_attention(
         gluon_prefill(
             q, k, v, out, qo_indptr, scale, stats,
             sm_scale=1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale), max_extend_len=int(max_extend_len),
-            # Speculation has run on a GPU without cached prefixes only (benchmarks/check_kernels_gpu.py
-            # --phases prefix-spec checks it with them).
-            block_n=opts.block_n, speculate=not prefix and opts.expected_sparsity is not None
+            block_n=opts.block_n, speculate=opts.expected_sparsity is not None
             and opts.expected_sparsity < SPECULATE_BELOW,
             **prefix,
         )
@@ -372,24 +370,60 @@ def prefill_attention(
     return extend_attention(q, k, v, None, None, cu_seqlens, no_prefix, empty, max_extend_len=max_seqlen, **kwargs)
 
 
-def default_num_kv_splits(
-    kv_indptr: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 16, min_tiles_per_split: int = 4,
-    programs_per_sm: int = 4,
-) -> torch.Tensor:
-    """KV splits per request, on device and without a sync (CUDA-graph safe).
+#: Resident programs per SM of the sm_90 decode (Gluon, 64-key tiles: 69 KB of shared memory and
+#: ~145 registers per 128-thread program), the unit of :func:`default_num_kv_splits`' waves.
+DECODE_PROGRAMS_PER_SM = 3
+#: Splits of two waves shorter than this many tiles fall back to one wave; no split is made
+#: shorter than ``MIN_SPLIT_TILES`` tiles (a split re-reads tile 0 and runs its own prologue).
+LONG_SPLIT_TILES = 32
+MIN_SPLIT_TILES = 16
+_WAVE_FILL = 0.97  # aim just under whole waves: a wave 1.3x full ran at 0.85x of one just under
 
-    Enough splits to give every SM ``programs_per_sm`` programs, never more than ``max_kv_splits``
-    or than one split per ``min_tiles_per_split`` tiles.
+
+def default_num_kv_splits(
+    kv_lens: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 128, *, sms: Optional[int] = None,
+) -> torch.Tensor:
+    """KV splits per request, on device and without a sync (CUDA-graph safe; one small launch).
+
+    Every request is cut into chunks of about the same number of keys, sized so that the
+    ``(request, KV head, split)`` programs fill the GPU's resident slots (:data:`DECODE_PROGRAMS_PER_SM`
+    per SM) twice, just under: with one program per slot and wave the last, partial wave decides
+    the time (H100, ``benchmarks/NOTES.md`` v8: 1.3 waves ran at 0.85x the speed of 1.94 or 2.9,
+    and skipping tiles makes programs unequal, which more waves even out). When two waves' chunks
+    would be shorter than :data:`LONG_SPLIT_TILES` tiles (few, short requests), one wave; never
+    shorter than :data:`MIN_SPLIT_TILES` tiles; at most ``max_kv_splits`` per request.
+
+    Args:
+        kv_lens: ``(B,)`` integer KV length of each request (device tensor).
+        kv_heads: KV heads (programs per split).
+        block_n: keys per tile.
+        max_kv_splits: upper bound per request (the size of the partial-result workspaces).
+        sms: streaming multiprocessors; default the device's (132 on CPU).
+
+    Returns:
+        ``(B,)`` int32 on ``kv_lens``' device.
     """
-    batch = kv_indptr.shape[0] - 1
-    if kv_indptr.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(kv_indptr.device).multi_processor_count
-    else:
-        sms = 132
-    wanted = max(1, min(max_kv_splits, -(-programs_per_sm * sms // max(batch * kv_heads, 1))))
-    kv_lens = kv_indptr[1:] - kv_indptr[:-1]
-    by_len = (kv_lens + min_tiles_per_split * block_n - 1) // (min_tiles_per_split * block_n)
-    return by_len.clamp(min=1, max=wanted).to(torch.int32)
+    from .triton_decode import num_kv_splits_kernel
+
+    if sms is None:
+        sms = torch.cuda.get_device_properties(kv_lens.device).multi_processor_count if kv_lens.is_cuda else 132
+    slots = DECODE_PROGRAMS_PER_SM * sms
+    batch = kv_lens.shape[0]
+    out = torch.empty(batch, dtype=torch.int32, device=kv_lens.device)
+    if batch:
+        num_kv_splits_kernel[(1,)](
+            kv_lens.contiguous(), out, batch, kv_heads, max_kv_splits, int(2 * slots * _WAVE_FILL), int(slots * _WAVE_FILL),
+            LONG_SPLIT_TILES * block_n, MIN_SPLIT_TILES * block_n, BLOCK=1024,
+        )
+    return out
+
+
+def workspace_kv_splits(batch: int, kv_heads: int, sms: int) -> int:
+    """A ``max_kv_splits`` for :func:`default_num_kv_splits` known without a sync: up to twice what
+    ``batch`` equal requests would get (a longer request than its peers may take more), at least 16
+    and at most 128. Workspaces are ``(B, Hq, max_kv_splits, Dv)`` float32."""
+    programs = 2 * DECODE_PROGRAMS_PER_SM * sms
+    return max(16, min(128, 2 * -(-programs // max(batch * kv_heads, 1))))
 
 
 def decode_attention(
@@ -402,7 +436,7 @@ def decode_attention(
     sm_scale: Optional[float] = None,
     threshold_scale_factor: ScaleFactor = None,
     num_kv_splits: Optional[torch.Tensor] = None,
-    max_kv_splits: int = 16,
+    max_kv_splits: Optional[int] = None,
     stats: Optional[torch.Tensor] = None,
     return_skip_map: bool = False,
     out: Optional[torch.Tensor] = None,
@@ -419,10 +453,11 @@ def decode_attention(
         kv_indptr, kv_indices: each request's whole context as token slots (see module doc).
         threshold_scale_factor: see module doc; λ uses each request's KV length.
         num_kv_splits: ``(B,)`` int32 splits per request (values above ``max_kv_splits`` are
-            clamped to it); default
-            :func:`default_num_kv_splits`. Splits after the first also count each head's max over
-            tile 0 as seen (see :mod:`blasst_kernels.reference`), so the split count barely moves
-            what is skipped.
+            clamped to it); default :func:`default_num_kv_splits`. Splits after the first also
+            count each head's max over tile 0 as seen (see :mod:`blasst_kernels.reference`), so the
+            split count barely moves what is skipped.
+        max_kv_splits: most splits per request, the workspaces' size; default: the workspaces'
+            when given, else :func:`workspace_kv_splits`.
         stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a KV group's counts
             are added to each of its heads.
         return_skip_map: also return an int8 ``(B, Hkv, ceil(max_kv_len / block_n))`` TileState map.
@@ -456,12 +491,18 @@ def decode_attention(
     block_d, block_dpe, block_dv = _head_dims(dk, dv)
     _check_indptr("kv_indptr", kv_indptr, batch, device)
     _check_tensor("kv_indices", kv_indices, 1, device, (torch.int32, torch.int64))
+    if max_kv_splits is None:
+        if partial_out is not None and partial_out.dim() == 4:
+            max_kv_splits = partial_out.shape[2]
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+            max_kv_splits = workspace_kv_splits(batch, kv_heads, sms)
     if max_kv_splits < 1:
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
     _check_runnable(q)
     opts = options or default_options(dk, dv, "decode")
     if num_kv_splits is None:
-        num_kv_splits = default_num_kv_splits(kv_indptr, kv_heads, opts.block_n, max_kv_splits)
+        num_kv_splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_heads, opts.block_n, max_kv_splits)
     else:
         _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
         if num_kv_splits.shape[0] != batch:

@@ -187,3 +187,24 @@ def launch_decode(
         out.stride(0), out.stride(1),
         BLOCK_N=block_n, BLOCK_DV=block_dv,
     )
+
+
+@triton.jit
+def num_kv_splits_kernel(kv_lens, out, batch, kv_heads, max_splits, two_wave_programs, one_wave_programs,
+                         long_keys, min_keys, BLOCK: tl.constexpr):
+    """Splits per request in one launch (see :func:`blasst_kernels.default_num_kv_splits`): chunks of
+    ``total keys × kv_heads / programs`` keys, two waves of programs unless such chunks are shorter
+    than ``long_keys``, then one wave, never under ``min_keys``."""
+    total = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, batch, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        total += tl.load(kv_lens + offs, mask=offs < batch, other=0).to(tl.int64)
+    work = tl.sum(total, 0) * kv_heads
+    two = tl.cdiv(work, two_wave_programs)
+    chunk = tl.where(two >= long_keys, two, tl.maximum(tl.cdiv(work, one_wave_programs), min_keys))
+    for start in range(0, batch, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        lens = tl.load(kv_lens + offs, mask=offs < batch, other=0).to(tl.int64)
+        splits = tl.minimum(tl.maximum(tl.cdiv(lens, chunk), 1), max_splits)
+        tl.store(out + offs, splits.to(tl.int32), mask=offs < batch)
+

@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from blasst_kernels import KernelOptions, TileState, decode_attention, decode_reference, log_lambda
+from blasst_kernels import (KernelOptions, TileState, decode_attention, decode_reference, default_num_kv_splits, log_lambda,
+                            workspace_kv_splits)
+from blasst_kernels.api import DECODE_PROGRAMS_PER_SM
 from helpers import REL_TOL, assert_maps_agree, make_batch, rel_err
 
 HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (576, 512)]
@@ -127,3 +129,33 @@ def test_caller_workspaces_are_used(rng):
     assert torch.equal(own, given) and not part_lse[:2, :, :2].isnan().any()
     with pytest.raises(ValueError, match="partial_out"):
         decode_attention(*args, partial_out=part_o[:, :, :2], partial_lse=part_lse, **kw)
+
+
+# (batch, context) -> splits on a 132-SM H100 with 8 KV heads and 64-key tiles: the counts measured
+# best (or within 3 %) of 1-128 splits there (benchmarks/NOTES.md, v8), two waves of 3 programs per
+# SM just under full, one wave when those splits would be short, never splits under 16 tiles.
+@pytest.mark.parametrize("batch,ctx,splits", [
+    (1, 131072, 48), (1, 32768, 32), (2, 65536, 24), (4, 65536, 24), (8, 32768, 12),
+    (16, 65536, 6), (32, 32768, 3), (64, 16384, 2), (128, 8192, 1), (1, 100, 1),
+])
+def test_default_splits_fill_whole_waves(batch, ctx, splits):
+    lens = torch.full((batch,), ctx)
+    got = default_num_kv_splits(lens, 8, 64, 128, sms=132)
+    assert got.dtype == torch.int32 and got.tolist() == [splits] * batch
+    programs = batch * 8 * splits
+    waves = programs / (DECODE_PROGRAMS_PER_SM * 132)
+    assert waves <= 1 or waves % 1 == 0 or waves % 1 > 0.5  # never a wave a little over full
+
+
+def test_default_splits_follow_length_and_clamp():
+    # Ragged batch: chunks of one size, so splits grow with the length; capped by max_kv_splits.
+    got = default_num_kv_splits(torch.tensor([65536, 16384, 1000, 0]), 8, 64, 128, sms=132).tolist()
+    assert got[0] > got[1] > got[2] == got[3] == 1 and got[0] / got[1] == pytest.approx(4, rel=0.25)
+    assert default_num_kv_splits(torch.tensor([131072]), 8, 64, 16, sms=132).tolist() == [16]
+
+
+def test_workspace_splits_bound_the_default():
+    for batch, ctx in ((1, 131072), (4, 65536), (16, 65536), (128, 8192)):
+        cap = workspace_kv_splits(batch, 8, 132)
+        assert 16 <= cap <= 128
+        assert int(default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 1 << 20, sms=132).max()) <= cap
