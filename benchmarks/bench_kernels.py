@@ -314,8 +314,10 @@ def main():
     if args.phase in ("decode", "all"):
         result["checks"]["decode_d128"] = check_decode(hq, hkv, d)
         print("check decode", result["checks"]["decode_d128"], flush=True)
+        # P4's shapes, then few long requests (where the split count decides how much of the GPU works).
         configs = [(32, 16384, 16), (128, 8192, 1)] if args.quick else [
-            (16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1)]
+            (16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1), (1, 131072, 16),
+            (4, 65536, 16)]
         for batch, ctx, page in configs:
             try:
                 result["rows"] += decode_rows(batch, ctx, hq, hkv, d, page)

@@ -1,18 +1,16 @@
-"""Decode split counts under the sink-seeded split rule (issue #6, P4): sparsity and speed.
+"""Decode split counts (issue #6, P4): what the split rule picks against fixed counts, dense and skipping.
 
-Until v5 every KV split started its skip decisions from nothing: its first tile was never skipped
-and its running max stayed below the sink's, so more splits (the cure for wave tails and for KV
-heads of very different sparsity) cost sparsity (v3: 0.70 -> 0.51 at 16 splits, same factor).
-Splits now count tile 0's scores as seen (``kernels/reference.py``). Prediction: sparsity at a
-factor no longer falls with the split count, and 2-4x the default programs per SM turn the 70 %
-rows from 1.22-1.35x copy bandwidth toward the ~1.5x that reading every K and 30 % of V allows.
+Splits count tile 0's scores as seen (``kernels/reference.py``), so the sparsity a factor gives
+barely moves with the split count, and the count is free to fill the GPU. For each shape
+(``bench_kernels.decode_inputs``, synthetic sinks + local windows): the factor that skips ~70 % (and
+~90 %) at the default split count, then dense and skip at the default
+(:func:`blasst_kernels.default_num_kv_splits`) and at each fixed count of ``--splits`` (up to 16
+programs per SM), the skip counters at each, and the copy-bandwidth yardstick. A bf16 kernel vs
+float32 reference check at 16/4/1 splits first. ``--graph`` times CUDA-graph replays, as served
+(small shapes are otherwise host-bound).
 
-For each bench decode shape (``bench_kernels.decode_inputs``, synthetic sinks + local windows):
-the factor that skips ~70 % (and ~90 %) at the default 4 programs per SM, then dense and skip at
-4/8/16/32 programs per SM (splits from :func:`default_num_kv_splits`), the skip counters at each,
-and the copy-bandwidth yardstick. A bf16 kernel vs float32 reference check at 16 splits first.
-
-    bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_splits.py --out $OUT
+    bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_splits.py --graph --out $OUT \
+        --splits 1,2,4,8,16,32,48,64 --shapes 1x131072p16,4x65536p16,16x65536p16
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import os
 import sys
 
 import torch
+import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
@@ -35,13 +34,18 @@ from blasst_kernels.reference import decode_split_len  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16)]
-PROGRAMS = (4, 8, 16, 32)
-MAX_SPLITS = 64
+MAX_SPLITS = 256
+MAX_CTAS_PER_SM = 16  # fixed split counts beyond this many programs per SM are not run
 
 
-def splits_for(indptr, programs):
-    return default_num_kv_splits(indptr, HKV, default_options(D, D, "decode").block_n, MAX_SPLITS,
-                                 programs_per_sm=programs)
+def bench_graph(fn) -> float:
+    """Median milliseconds of one call, replayed from a CUDA graph (host launch costs excluded)."""
+    fn()  # allocations and cached device copies happen outside the capture
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def default_splits(indptr):
+    return default_num_kv_splits(indptr[1:] - indptr[:-1], HKV, default_options(D, D, "decode").block_n, MAX_SPLITS)
 
 
 def check(num_splits=16, ctx=8191, factor=600.0):
@@ -76,7 +80,9 @@ def measured(data, factor, splits):
     return s[1] / max(s[0], 1)
 
 
-def run_shape(batch, ctx, page):
+def run_shape(batch, ctx, page, split_counts=()):
+    """Rows of one shape: the default split count, then each of ``split_counts`` for every request
+    (``programs_per_sm``: programs per SM that count gives)."""
     shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page}
     kv_bytes = 2 * batch * ctx * HKV * D * 2
     rows = []
@@ -86,11 +92,18 @@ def run_shape(batch, ctx, page):
     rows.append({**shape, "kernel": "copy (bw ref)", "ms": copy_ms})
     dense, _ = decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)
     indptr = dense[3]
-    for programs in PROGRAMS:
-        sp = splits_for(indptr, programs)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def configs():
+        fixed = [torch.full((batch,), n, dtype=torch.int32, device="cuda") for n in split_counts
+                 if batch * HKV * n <= MAX_CTAS_PER_SM * sms]
+        return [("default", sp) if i == 0 else (round(batch * HKV * int(sp[0]) / sms, 2), sp)
+                for i, sp in enumerate([default_splits(indptr)] + fixed)]
+
+    for programs, sp in configs():
         rows.append({**shape, "kernel": "dense", "programs_per_sm": programs, "splits": int(sp[0]), "sparsity": 0.0,
                      "ms": bench(lambda: decode_attention(*dense, num_kv_splits=sp, max_kv_splits=MAX_SPLITS))})
-    default_sp = splits_for(indptr, 4)
+    default_sp = default_splits(indptr)
     for target in (0.7, 0.9):
         for sharp in (1.0, 1.6, 2.5):
             data = dense if sharp == 1.0 else decode_inputs(batch, ctx, HQ, HKV, D, page, sharp)[0]
@@ -99,8 +112,7 @@ def run_shape(batch, ctx, page):
                                                max_kv_splits=MAX_SPLITS), HQ, target, ctx / 2)
             if abs(sp0 - target) < 0.05:
                 break
-        for programs in PROGRAMS:
-            sp = splits_for(indptr, programs)
+        for programs, sp in configs():
             ms = bench(lambda: decode_attention(*data, threshold_scale_factor=factor, num_kv_splits=sp,
                                                 max_kv_splits=MAX_SPLITS))
             rows.append({**shape, "kernel": f"skip ~{int(target * 100)}%", "programs_per_sm": programs,
@@ -115,11 +127,22 @@ def run_shape(batch, ctx, page):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "experiments"))
+    ap.add_argument("--splits", default="1,2,4,8,16", help="fixed split counts to compare with the default")
+    ap.add_argument("--shapes", default="", help="BATCHxCTXpPAGE,... (default: the bench's four)")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no host launch cost, as served)")
     args = ap.parse_args()
+    if args.graph:
+        global bench
+        bench = bench_graph
+    split_counts = [int(p) for p in args.splits.split(",") if p]
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [(int(b), int(c), int(p)) for b, c, p in
+                  (x.replace("p", "x").split("x") for x in args.shapes.split(","))]
     result = {"env": env_info(), "checks": [check(16), check(4), check(1)], "rows": []}
     print("checks", result["checks"], flush=True)
-    for batch, ctx, page in SHAPES:
-        result["rows"] += run_shape(batch, ctx, page)
+    for batch, ctx, page in shapes:
+        result["rows"] += run_shape(batch, ctx, page, split_counts)
         print(f"shape {batch}x{ctx} p{page} done", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_splits.json"), "w") as f:

@@ -569,7 +569,7 @@ class Problem:
         """What blasst_kernels.default_num_kv_splits picks (132 SMs assumed on CPU)."""
         from blasst_kernels import default_num_kv_splits
 
-        return int(default_num_kv_splits(self.indptr, self.hkv, block_n, max_kv_splits).max())
+        return int(default_num_kv_splits(self.indptr[1:] - self.indptr[:-1], self.hkv, block_n, max_kv_splits).max())
 
     def splits(self, n):
         return torch.full((self.batch,), n, dtype=torch.int32, device=self.dev)

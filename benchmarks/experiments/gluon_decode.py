@@ -117,7 +117,7 @@ def run_gpu(out_dir):
         copy_ms = bench(lambda: dst.copy_(src))
         rows = [{**shape, "kernel": "copy", "ms": copy_ms}]
         dense, _ = decode_inputs(batch, ctx, hq, hkv, d, page, 1.0)
-        splits = default_num_kv_splits(dense[3], hkv, 128, 16)
+        splits = default_num_kv_splits(dense[3][1:] - dense[3][:-1], hkv, 128, 16)
         ms = int(splits[0])
         for bn, opts in triton_opts.items():
             rows.append({**shape, "kernel": f"triton bn{bn} dense", "ms": bench(
