@@ -40,10 +40,6 @@ __all__ = ["BlasstAttnBackend"]
 logger = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Most decode splits per request (SGLang's own default is 8): one request of a model with 8 KV
-#: heads needs 48 to fill an H100 once (``blasst_kernels.default_num_kv_splits``). The decode
-#: workspaces, ``(tokens, heads, splits, Dv)`` float32, grow with it.
-DECODE_MAX_KV_SPLITS = 64
 #: Keyword arguments of SGLang's kernels that change nothing for BLASST's kernels: KV buffers are
 #: 3-D with token-slot indices at any page size (4-D buffers that are read fall back), MLA needs
 #: no flag, PDL is a launch detail.
@@ -116,11 +112,6 @@ class BlasstAttnBackend(TritonAttnBackend):
             for phase, table in tables.items()
         }
         self._calibrated_tiles = self.config.calibrated_tiles()
-        decode_tiles = self._calibrated_tiles.get("decode")
-        self._decode_block_n = decode_tiles[1] if decode_tiles else blasst_kernels.default_options(
-            model_config.head_dim, model_config.v_head_dim, "decode").block_n
-        if not (self.enable_deterministic or self.static_kv_splits):
-            self.max_kv_splits = max(self.max_kv_splits, DECODE_MAX_KV_SPLITS)
         # Per layer, the prefill sparsity the calibration predicts at these factors (a speed hint for
         # the kernels, KernelOptions.expected_sparsity); None without one.
         self._prefill_expected: Optional[List[float]] = None
@@ -158,17 +149,6 @@ class BlasstAttnBackend(TritonAttnBackend):
         super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         if not in_capture:
             self._count_batch()
-
-    def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Fill ``num_kv_splits`` (int32, one per decode token) with the kernels' split rule,
-        :func:`blasst_kernels.default_num_kv_splits`, from ``seq_lens`` (one per request); on
-        device, no sync. Deterministic inference and static splits keep SGLang's."""
-        if self.enable_deterministic or self.static_kv_splits or self.device_core_count <= 0:
-            return super().get_num_kv_splits(num_kv_splits, seq_lens)
-        group = num_kv_splits.shape[0] // seq_lens.shape[0]
-        lens = seq_lens if group == 1 else seq_lens.repeat_interleave(group)
-        num_kv_splits.copy_(blasst_kernels.default_num_kv_splits(
-            lens, self.num_kv_head, self._decode_block_n, self.max_kv_splits, sms=self.device_core_count))
 
     def on_after_cuda_graph_warmup(self):
         super().on_after_cuda_graph_warmup()

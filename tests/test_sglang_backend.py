@@ -236,21 +236,6 @@ def test_decode_matches_reference(page_size, rng):
     assert sparsity > 0.05, f"test data should skip tiles, got sparsity {sparsity:.2f}"
 
 
-def test_decode_splits_follow_the_kernels_rule(rng):
-    # SGLang's own rule caps a request at --triton-attention-num-kv-splits (8 by default), which
-    # leaves most of the GPU idle for a few long requests; the backend uses the kernels' rule.
-    batch = make_batch(rng, "decode", 8, 2, 16, (2500, 37, 1300), lean=(1.0, 1.5), strength=(1.5, 2.5))
-    backend = blasst_backend(batch, BlasstConfig(decode_threshold_scale=4.0, stats_interval=1))
-    assert backend.max_kv_splits >= 64
-    backend.device_core_count = 3  # CPU reports none (SGLang's rule then fills the maximum)
-    out = run(backend, batch)
-    lens = batch.fx.forward_batch.seq_lens
-    splits = backend.forward_metadata.num_kv_splits
-    assert splits.tolist() == blasst_kernels.default_num_kv_splits(lens, 2, 64, backend.max_kv_splits, sms=3).tolist()
-    assert splits.tolist() == [3, 1, 2]
-    check_against_reference(batch, backend, out, 4.0)
-
-
 def test_per_head_factors_are_sliced_for_this_tp_rank(rng, tmp_path):
     """A calibration's (layers, heads) table: rank 1 of attention TP 2 gets heads 4..7 of its row."""
     calibration = pytest.importorskip("blasst_sglang.calibration", reason="blasst_sglang.calibration not written yet")
