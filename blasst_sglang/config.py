@@ -28,6 +28,7 @@ set the variables, or call :func:`configure`, before creating the Engine.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -225,17 +226,20 @@ class BlasstConfig:
         measured with (decode: ``(16, decode_block_n)``). Empty without a calibration."""
         if self.calibration is None:
             return {}
-        from .calibration import load_calibration
-
-        calib = load_calibration(self.calibration)
+        calib = self._calibration
         tiles = {"prefill": (calib.block_m, calib.block_n), "decode": (16, calib.decode_block_n)}
         explicit = {"prefill": self.prefill_threshold_scale, "decode": self.decode_threshold_scale}
         return {phase: t for phase, t in tiles.items() if explicit[phase] is None}
 
-    def _load_calibration(self, num_layers: int, num_heads: int):
+    @functools.cached_property
+    def _calibration(self):
+        """The calibration file's contents, read once per config (the backend asks three times)."""
         from .calibration import load_calibration
 
-        calib = load_calibration(self.calibration)
+        return load_calibration(self.calibration)
+
+    def _load_calibration(self, num_layers: int, num_heads: int):
+        calib = self._calibration
         if (calib.num_layers, calib.num_heads) != (num_layers, num_heads):
             raise ValueError(
                 f"calibration {self.calibration} ({calib.model_id}) has {calib.num_layers} layers x "

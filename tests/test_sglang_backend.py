@@ -278,7 +278,11 @@ def test_calibrated_prefill_passes_each_layers_predicted_sparsity(rng, tmp_path,
     seen = []
     launch = blasst_kernels.extend_attention
     monkeypatch.setattr(blasst_kernels, "extend_attention", lambda *a, **kw: seen.append(kw["options"]) or launch(*a, **kw))
+    reads = []
+    real_load = calibration.load_calibration
+    monkeypatch.setattr(calibration, "load_calibration", lambda *a, **kw: reads.append(a) or real_load(*a, **kw))
     backend = blasst_backend(batch, config, attn_tp_size=2, attn_tp_rank=1)
+    assert len(reads) == 1  # factors, tiles and predictions come from one read of the file
     check_against_reference(batch, backend, run(backend, batch), factors[0, 4:].tolist())
     assert [o.expected_sparsity for o in seen] == [pytest.approx(expected)] and 0 < expected < 1
 
