@@ -380,6 +380,11 @@ MIN_SPLIT_TILES = 16
 _WAVE_FILL = 0.97  # aim just under whole waves: a wave 1.3x full ran at 0.85x of one just under
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's 132 off the GPU, for CPU tests)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def default_num_kv_splits(
     kv_lens: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 128, *, sms: Optional[int] = None,
 ) -> torch.Tensor:
@@ -405,9 +410,7 @@ def default_num_kv_splits(
     """
     from .triton_decode import num_kv_splits_kernel
 
-    if sms is None:
-        sms = torch.cuda.get_device_properties(kv_lens.device).multi_processor_count if kv_lens.is_cuda else 132
-    slots = DECODE_PROGRAMS_PER_SM * sms
+    slots = DECODE_PROGRAMS_PER_SM * (_sm_count(kv_lens.device) if sms is None else sms)
     batch = kv_lens.shape[0]
     out = torch.empty(batch, dtype=torch.int32, device=kv_lens.device)
     if batch:
@@ -495,8 +498,7 @@ def decode_attention(
         if partial_out is not None and partial_out.dim() == 4:
             max_kv_splits = partial_out.shape[2]
         else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-            max_kv_splits = workspace_kv_splits(batch, kv_heads, sms)
+            max_kv_splits = workspace_kv_splits(batch, kv_heads, _sm_count(device))
     if max_kv_splits < 1:
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
     _check_runnable(q)

@@ -207,4 +207,3 @@ def num_kv_splits_kernel(kv_lens, out, batch, kv_heads, max_splits, two_wave_pro
         lens = tl.load(kv_lens + offs, mask=offs < batch, other=0).to(tl.int64)
         splits = tl.minimum(tl.maximum(tl.cdiv(lens, chunk), 1), max_splits)
         tl.store(out + offs, splits.to(tl.int32), mask=offs < batch)
-
