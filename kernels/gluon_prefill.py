@@ -672,16 +672,16 @@ def make_descriptors(q, k, v, block_n: int):
 
 
 # Launch defaults per mode, measured on an H100 (GQA 32/8, d=128, bf16 causal; every variant checked
-# against the reference in the same run; results/experiments/gluon_H100/gluon_v7_exp2_fma.txt and
-# gluon_v8_diag_eager.txt): overlap + V issued early + per-warp vote ("e2+ov"), dense 599-643 TF/s
-# at 16K-64K. Lazy V loads (lazy_v=2, "p2+ov") pay off only once K and V stream from HBM: at 64K
-# keys 886 / 982 TF/s at ~69 / 83 % skipped against 831 / 907 for e2+ov, but 3-5 % behind it at
-# 16K-32K and level on a ragged 8K+4K+2K+1K+1K batch; so skip mode turns them on from
-# LAZY_V_MIN_KEYS keys (between the measured 32K and 64K). SPEC (exps before the vote is read)
-# costs nothing at ~0 % but 10-20 % where much is skipped.
+# against the reference in the same run; results/experiments/gluon_H100/gluon_v7_exp2_fma.txt,
+# gluon_v8_diag_eager.txt, gluon_v11_lazy_adaptive.json): overlap + V issued early + per-warp vote
+# ("e2+ov"), dense 599-643 TF/s at 16K-64K. Skip mode adds predicted lazy V loads (lazy_v=2,
+# "p2+ov"): V_j only for tiles a warpgroup keeps. Since V of the diagonal tiles is issued at once
+# (v8), that is ahead at every length: 16K / 32K / 8K+4K+2K+1K+1K at ~70 % skipped 817 / 853 / 713
+# TF/s against 742 / 816 / 687 without, ~88 % 952 / 969 / 717 against 879 / 896 / 691, level with
+# nothing skipped. SPEC (exps before the vote is read) costs nothing at ~0 % but 10-20 % where much
+# is skipped; adaptive SPEC (spec=2) gains 4-6 % at ~0 % and loses 2-6 % at 70-90 %.
 DENSE_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
-SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=0)
-LAZY_V_MIN_KEYS = 49152
+SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vote=1, spec=False, lazy_v=2)
 #: Expected sparsity below which skip mode speculates (``spec=True``: a tile's exps are computed
 #: while its decision's barrier completes, and dropped when it is skipped). H100, 16K/32K GQA
 #: (``results/experiments/gluon_H100/gluon_v10_spec_vs_vote_16k_32k.json``): with nothing skipped
@@ -692,23 +692,21 @@ _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "l
                 "producer_regs", "maxnreg")
 
 
-def launch_config(skip: bool, max_keys: int = 0, speculate: bool = False, **tuning) -> dict:
+def launch_config(skip: bool, speculate: bool = False, **tuning) -> dict:
     """The tuning a launch uses: the mode's defaults overridden by ``tuning``. In skip mode,
-    ``speculate`` computes exps before the decision (``spec=True``, every V loaded: for launches
-    expected to skip little, see :data:`SPECULATE_BELOW`); otherwise, unless ``tuning`` sets
-    ``lazy_v``, lazy V loads when a sequence may see ``max_keys >= LAZY_V_MIN_KEYS`` keys and the
-    loop supports them (overlap, vote=1)."""
+    ``speculate`` computes exps before the decision and loads every V (``spec=True``, ``lazy_v=0``:
+    for launches expected to skip little, see :data:`SPECULATE_BELOW`). Lazy V loads need the
+    overlap loop and the per-warp vote: another loop turns them off."""
     unknown = set(tuning) - set(_TUNING_KEYS)
     if unknown:
         raise TypeError(f"gluon_prefill: unknown tuning keys {sorted(unknown)}")
     cfg = dict(zero_tail_v=True, consumer_regs=240, producer_regs=24, maxnreg=168)
     cfg.update(SKIP_DEFAULTS if skip else DENSE_DEFAULTS)
     if skip and speculate:
-        cfg["spec"] = True
+        cfg.update(spec=True, lazy_v=0)
     cfg.update(tuning)
-    if (skip and not speculate and "lazy_v" not in tuning and cfg["overlap"] and cfg["vote"] == 1
-            and max_keys >= LAZY_V_MIN_KEYS):
-        cfg["lazy_v"] = 2
+    if "lazy_v" not in tuning and not (cfg["overlap"] and cfg["vote"] == 1):
+        cfg["lazy_v"] = 0
     return cfg
 
 
@@ -735,8 +733,8 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
             sees whole, before keys ``0..i`` of its own new tokens) and ``(B + 1,)`` int32/int64.
         speculate: skip mode computes a tile's exps before its decision (see :func:`launch_config`);
             same decisions and results, speed only.
-        tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` and the length rule of
-            :func:`launch_config` (callers normally pass none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
+        tuning: overrides of :data:`DENSE_DEFAULTS` / :data:`SKIP_DEFAULTS` (callers normally pass
+            none): ``num_stages`` (K/V ring depth), ``overlap`` (FA3 intra-warpgroup overlap),
             ``v_early`` (producer issues V_j right after K_j), ``kv_bar`` (one empty barrier per stage
             for K and V; plain loop only), ``vote`` (0: ``gl.max`` decision, 1: per-warp vote through
             shared memory, one named barrier), ``spec`` (0/False: decide, then exps of kept tiles
@@ -761,8 +759,7 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         return
     skip = scale is not None
     has_prefix = k_prefix is not None and k_prefix.shape[0] > 0
-    # Keys a sequence may see, without a device sync: all cached prefix rows count (exact at batch 1).
-    cfg = launch_config(skip, max_extend_len + (k_prefix.shape[0] if has_prefix else 0), speculate, **tuning)
+    cfg = launch_config(skip, speculate, **tuning)
     q_desc, k_desc, v_desc = make_descriptors(q, k, v, block_n)
     if has_prefix:
         assert cfg["overlap"] and cfg["v_early"], "a cached prefix needs overlap and v_early"

@@ -20,17 +20,17 @@ triton = pytest.importorskip("triton")
 
 
 def test_launch_config_defaults_and_overrides():
-    assert gp.launch_config(False, 1 << 20)["lazy_v"] == 0  # dense mode loads every V tile
-    assert gp.launch_config(True, gp.LAZY_V_MIN_KEYS - 1)["lazy_v"] == 0
-    assert gp.launch_config(True, gp.LAZY_V_MIN_KEYS)["lazy_v"] == 2  # long sequences: V only for kept tiles
-    assert gp.launch_config(True, 1 << 20, lazy_v=0)["lazy_v"] == 0
+    assert gp.launch_config(False)["lazy_v"] == 0  # dense mode loads every V tile
+    assert gp.launch_config(True)["lazy_v"] == 2  # skip mode: V only for kept tiles
+    assert gp.launch_config(True, lazy_v=0)["lazy_v"] == 0
     assert gp.launch_config(True, lazy_v=0, num_stages=3)["num_stages"] == 3
-    assert gp.launch_config(True, 1 << 20, overlap=False)["lazy_v"] == 0  # the plain loop has no lazy V
+    assert gp.launch_config(True, overlap=False)["lazy_v"] == 0  # the plain loop has no lazy V
+    assert gp.launch_config(True, vote=0)["lazy_v"] == 0  # nor the gl.max decision
     # Speculation (launches expected to skip little): exps before the decision, every V loaded.
-    spec = gp.launch_config(True, 1 << 20, speculate=True)
+    spec = gp.launch_config(True, speculate=True)
     assert spec["spec"] and spec["lazy_v"] == 0
-    assert not gp.launch_config(False, 1 << 20, speculate=True)["spec"]  # dense mode has no decision
-    assert not gp.launch_config(True, 1 << 20)["spec"]
+    assert not gp.launch_config(False, speculate=True)["spec"]  # dense mode has no decision
+    assert not gp.launch_config(True)["spec"]
     with pytest.raises(TypeError, match="lazy"):
         gp.launch_config(True, lazy=1)
 
@@ -40,7 +40,7 @@ def _compile(skip, prefix=True, speculate=False, indptr="i32", **tuning):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = gp.launch_config(skip, 1 << 20, speculate, **tuning)
+    cfg = gp.launch_config(skip, speculate, **tuning)
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)

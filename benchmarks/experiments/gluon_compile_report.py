@@ -62,6 +62,7 @@ VARIANTS = {
     "p2+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, lazy_v=2),
     "p3+ov": dict(num_stages=3, overlap=True, v_early=True, vote=1, lazy_v=2),
     "p2s+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=True, lazy_v=2),
+    "p2a+ov": dict(num_stages=2, overlap=True, v_early=True, vote=1, spec=2, lazy_v=2),
 }
 
 

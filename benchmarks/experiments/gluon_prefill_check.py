@@ -36,6 +36,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import threading
 import time
@@ -200,7 +201,7 @@ def sparsity_of(torch, fn_stats, hq):
 
 
 def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpness=1.0, hq=32, hkv=8, d=128,
-                 block_n=128, targets=(0.7, 0.9), with_zero=True):
+                 block_n=128, targets=(0.7, 0.9), with_zero=True, rounds=1, with_triton=True):
     from bench_kernels import bisect_factor  # after _import_kernels: it imports blasst_kernels
 
     lens = list(L) if isinstance(L, (list, tuple)) else [L]  # a ragged batch, or one sequence
@@ -284,14 +285,26 @@ def bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, sharpnes
     RESULT.setdefault("factors", {})[tag + str(L)] = factors
 
     for label, factor in factors.items():
+        sps, times, errs = {}, {var: [] for var in variants}, {}
         for var in variants:
-            sp = None
+            sps[var] = None
             if factor is not None:
-                sp, _ = guarded(f"sparsity gluon {var} {label} {L}", 120,
-                                lambda: sparsity_of(torch, lambda st: gluon_fn(var, factor, 0, st)(), hq))
-            ms, err = guarded(f"bench gluon {var} {label} {L}", 300,
-                              lambda: bench(triton, rotating([gluon_fn(var, factor, i) for i in range(3)])))
-            add(f"gluon {var} {label}", ms, sp, factor, err)
+                sps[var], _ = guarded(f"sparsity gluon {var} {label} {L}", 120,
+                                      lambda: sparsity_of(torch, lambda st: gluon_fn(var, factor, 0, st)(), hq))
+        # Rounds interleave the variants, so that a slow spell of the GPU hits them alike.
+        for _ in range(rounds):
+            for var in variants:
+                ms, err = guarded(f"bench gluon {var} {label} {L}", 300,
+                                  lambda: bench(triton, rotating([gluon_fn(var, factor, i) for i in range(3)])))
+                if err:
+                    errs[var] = err
+                else:
+                    times[var].append(ms)
+        for var in variants:
+            ms = statistics.median(times[var]) if times[var] and var not in errs else None
+            add(f"gluon {var} {label}", ms, sps[var], factor, errs.get(var))
+        if not with_triton:
+            continue
         sp = None
         if factor is not None:
             sp, _ = guarded(f"sparsity triton {label} {L}", 120,
@@ -319,6 +332,8 @@ def main():
                     help="variants checked and timed at d=64 (block_n=64): SmolLM2's shape 9/3 and 32/8; '' for none")
     ap.add_argument("--lengths", default=None, help="timed lengths, comma-separated, '+' joins a ragged batch "
                     "(default 16384,32768; --quick 16384)")
+    ap.add_argument("--rounds", type=int, default=1, help="timing rounds, variants interleaved; the median is reported")
+    ap.add_argument("--no-triton", action="store_true", help="do not time the Triton kernel beside the Gluon variants")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args()
     if args.compile_only:
@@ -385,7 +400,8 @@ def main():
                    else [16384] if args.quick else [16384, 32768])
         for L in lengths:
             try:
-                rows += bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants)
+                rows += bench_length(bk, gp, torch, triton, synthetic_qkv, wd, L, variants, rounds=args.rounds,
+                                     with_triton=not args.no_triton)
             except Exception as exc:
                 wd.disarm()
                 traceback.print_exc()
