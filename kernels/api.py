@@ -16,6 +16,7 @@ no host sync, so CUDA graphs can capture the call. See :mod:`blasst_kernels.thre
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -110,12 +111,12 @@ _PREFILL_SMEM_BUDGET = 232448 - 2048
 
 
 def _fit_stages(opts: KernelOptions, dk: int, dv: int, element_size: int) -> KernelOptions:
-    """Fewer pipeline stages where the default tiles would not fit in shared memory (float32 at
-    d >= 128): the tiles, and so the skip decisions, stay those of :func:`default_options`."""
+    """Fewer pipeline stages where the tiles would not fit in shared memory (float32 at d >= 128):
+    the tiles, and so the skip decisions, stay the caller's (stages change speed only)."""
     stages = opts.num_stages
     while stages > 1 and element_size * (opts.block_m * dk + stages * opts.block_n * (dk + dv)) > _PREFILL_SMEM_BUDGET:
         stages -= 1
-    return KernelOptions(opts.block_m, opts.block_n, opts.num_warps, stages)
+    return dataclasses.replace(opts, num_stages=stages)
 
 
 def _interpreting() -> bool:
@@ -280,7 +281,7 @@ def extend_attention(
     _check_runnable(q)
     scale = _scale_tensor(threshold_scale_factor, num_heads, device)
     stats = _stats_tensor(stats, num_heads, device)
-    opts = options or _fit_stages(default_options(dk, dv, "prefill"), dk, dv, q.element_size())
+    opts = _fit_stages(options or default_options(dk, dv, "prefill"), dk, dv, q.element_size())
     out = _output(out, (n_tokens, num_heads, dv), q)
     if max_extend_len is None:
         max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if batch else 0

@@ -94,6 +94,25 @@ def test_prefill_defaults_fit_shared_memory(dk, dv):
     assert _fit_stages(base, dk, dv, 2) == base  # 16-bit inputs keep the measured defaults
 
 
+def test_callers_options_are_fitted_too(monkeypatch):
+    """Options a caller passes (e.g. the defaults with a sparsity hint) are fitted like the defaults
+    and keep their other fields: float32 at d=256 with them failed with OutOfResources on an H100."""
+    import dataclasses
+
+    import blasst_kernels.triton_prefill as triton_prefill
+
+    dk = dv = 256
+    hinted = dataclasses.replace(default_options(dk, dv, "prefill"), expected_sparsity=0.1, kernel="triton")
+    fitted = _fit_stages(hinted, dk, dv, 4)
+    assert fitted.num_stages < hinted.num_stages
+    assert (fitted.expected_sparsity, fitted.kernel, fitted.block_n) == (0.1, "triton", hinted.block_n)
+    seen = {}
+    monkeypatch.setattr(triton_prefill, "launch_extend", lambda *a, **kw: seen.update(kw))
+    q, k, v = qkv(dk=dk, dv=dv, dtype=torch.float32)
+    prefill_attention(q, k, v, CU, options=hinted)
+    assert seen["num_stages"] == fitted.num_stages
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device copy of a float factor needs a GPU")
 def test_float_factors_are_copied_to_the_gpu_once():
     """A float factor becomes one cached device tensor: a copy per call would synchronise the stream."""
