@@ -95,10 +95,10 @@ def run_shape(batch, ctx, page, split_counts=()):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def configs():
-        fixed = [torch.full((batch,), n, dtype=torch.int32, device="cuda") for n in split_counts
-                 if batch * HKV * n <= MAX_CTAS_PER_SM * sms]
-        return [("default", sp) if i == 0 else (round(batch * HKV * int(sp[0]) / sms, 2), sp)
-                for i, sp in enumerate([default_splits(indptr)] + fixed)]
+        """(programs per SM, splits): the default rule's, then each fixed count that fits."""
+        fixed = [n for n in split_counts if batch * HKV * n <= MAX_CTAS_PER_SM * sms]
+        return [("default", default_splits(indptr))] + [
+            (round(batch * HKV * n / sms, 2), torch.full((batch,), n, dtype=torch.int32, device="cuda")) for n in fixed]
 
     for programs, sp in configs():
         rows.append({**shape, "kernel": "dense", "programs_per_sm": programs, "splits": int(sp[0]), "sparsity": 0.0,
