@@ -245,10 +245,6 @@ class BlasstAttnBackend(TritonAttnBackend):
         reason = (
             self._unsupported(q, o, k_buffer, v_buffer, k_descale, v_descale, options)
             or ("more query rows than requests (speculative decoding)" if kv_indptr.shape[0] != batch + 1 else None)
-            or (
-                "more than 64 query heads per KV head (raise the TP size)"
-                if q.shape[1] > 64 * k_buffer.shape[1] else None
-            )
         )
         if reason is not None:
             self._fallback(reason)

@@ -58,7 +58,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from blasst_kernels.reference import TileState, decode_skip_sweep, prefill_skip_sweep
+from blasst_kernels.reference import TileState, decode_skip_sweep, decode_tile_of_head, prefill_skip_sweep
 
 __all__ = [
     "FORMAT",
@@ -950,12 +950,16 @@ class _Accumulator:
     dropped: torch.Tensor
     rows: torch.Tensor
 
-    def add(self, length_index: int, layer: int, maps: torch.Tensor, mass: torch.Tensor, group: int = 1) -> None:
+    def add(self, length_index: int, layer: int, maps: torch.Tensor, mass: torch.Tensor,
+            row_of_head: Optional[torch.Tensor] = None) -> None:
         """Add int8 sweep maps ``(S, H, ...)`` and skipped masses ``(S, Hq, rows...)`` (or ``(S, Hq)``
-        for one row per head); ``group`` > 1 broadcasts KV-head maps to query heads."""
+        for one row per head); ``row_of_head`` ``(Hq,)`` maps query heads to map rows (decode maps
+        have one row per decode tile of heads, :func:`blasst_kernels.reference.decode_tile_of_head`)."""
         flat = maps.flatten(2).cpu()
-        skipped = (flat == int(TileState.SKIPPED)).sum(-1).double().repeat_interleave(group, dim=1)
-        visited = (flat[0] != int(TileState.UNVISITED)).sum(-1).double().repeat_interleave(group, dim=0)
+        skipped = (flat == int(TileState.SKIPPED)).sum(-1).double()
+        visited = (flat[0] != int(TileState.UNVISITED)).sum(-1).double()
+        if row_of_head is not None:
+            skipped, visited = skipped[:, row_of_head], visited[row_of_head]
         mass = mass.reshape(mass.shape[0], mass.shape[1], -1).double().cpu()  # (S, Hq, rows)
         self.skipped[length_index, :, layer] += skipped
         self.visited[length_index, layer] += visited
@@ -1272,6 +1276,7 @@ def calibrate(
         raise ValueError("kv_group_curves are measured on the sensitivity window: give a sensitivity_length")
     num_layers, num_heads, num_kv_heads, head_dim = model_shape(model)
     group = num_heads // num_kv_heads
+    decode_rows = decode_tile_of_head(num_heads, num_kv_heads)
     low, high = math.log(lambda_range[0] * lengths[0]), math.log(lambda_range[1] * lengths[-1])
     n_factors = math.ceil((n_lambdas - 1) * (high - low) / math.log(lambda_range[1] / lambda_range[0])) + 1
     factors = torch.logspace(low, high, n_factors, base=math.e, dtype=torch.float64)  # (S,)
@@ -1305,7 +1310,7 @@ def calibrate(
                     q[q.shape[0] - kv_len + pos], k[: pos + 1], log_lams(pos + 1),
                     block_n=decode_block_n, num_splits=decode_splits, return_skipped_mass=True,
                 )
-                acc["decode"].add(length_index, layer, maps, mass, group)
+                acc["decode"].add(length_index, layer, maps, mass, decode_rows)
 
     runs = [(i, w) for i, n in enumerate(lengths) for w in calibration_windows(tokenizer, n, texts_per_length)]
     base = model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -25,6 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .reference import decode_head_blocks
 from .threshold import ScaleFactor, validate_scale_factor
 
 __all__ = [
@@ -462,9 +463,11 @@ def decode_attention(
             split count barely moves what is skipped.
         max_kv_splits: most splits per request, the workspaces' size; default: the workspaces'
             when given, else :func:`workspace_kv_splits`.
-        stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a KV group's counts
+        stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a decode tile's counts
             are added to each of its heads.
-        return_skip_map: also return an int8 ``(B, Hkv, ceil(max_kv_len / block_n))`` TileState map.
+        return_skip_map: also return an int8 ``(B, G, ceil(max_kv_len / block_n))`` TileState map,
+            one row per decode tile of heads: ``G = Hkv`` for KV groups of at most 16 query heads,
+            larger groups decide in blocks of 16 (:func:`blasst_kernels.reference.decode_tile_of_head`).
         out: optional ``(B, Hq, Dv)`` output buffer.
         partial_out, partial_lse: optional float32 workspaces of at least
             ``(B, Hq, max_kv_splits, Dv)`` / ``(B, Hq, max_kv_splits)`` for the per-split results
@@ -490,8 +493,7 @@ def decode_attention(
     if num_heads % kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
     group = num_heads // kv_heads
-    if group > 64:
-        raise ValueError(f"at most 64 query heads per KV head are supported, got {group}")
+    per_tile, tiles_per_group = decode_head_blocks(group)
     block_d, block_dpe, block_dv = _head_dims(dk, dv)
     _check_indptr("kv_indptr", kv_indptr, batch, device)
     _check_tensor("kv_indices", kv_indices, 1, device, (torch.int32, torch.int64))
@@ -524,19 +526,20 @@ def decode_attention(
     skip_map = None
     if return_skip_map:
         n_t = -(-int((kv_indptr[1:] - kv_indptr[:-1]).max()) // opts.block_n) if batch else 0
-        skip_map = torch.zeros(batch, kv_heads, max(n_t, 1), dtype=torch.int8, device=device)
+        skip_map = torch.zeros(batch, kv_heads * tiles_per_group, max(n_t, 1), dtype=torch.int8, device=device)
     sm_scale = 1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale)
     if batch and _gluon_decode_applies(q, k_buffer, v_buffer, opts, skip_map):
         from .gluon_decode import gluon_decode
 
         gluon_decode(q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits,
-                     max_kv_splits, scale, stats, sm_scale=sm_scale)
+                     max_kv_splits, scale, stats, sm_scale=sm_scale, heads_per_tile=per_tile,
+                     tiles_per_group=tiles_per_group)
     elif batch:
         launch_decode(
             q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
             scale, stats, skip_map,
-            sm_scale=sm_scale, skip=scale is not None,
-            block_h=max(16, _next_pow2(group)), block_n=opts.block_n,
+            sm_scale=sm_scale, skip=scale is not None, heads_per_tile=per_tile, tiles_per_group=tiles_per_group,
+            block_h=max(16, _next_pow2(per_tile)), block_n=opts.block_n,
             block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
             num_warps=opts.num_warps, num_stages=opts.num_stages,
         )
@@ -553,7 +556,7 @@ def _gluon_decode_applies(q, k_buffer, v_buffer, opts: KernelOptions, skip_map) 
         from . import gluon_decode as gd
     except ImportError:  # a triton without Gluon's Ampere/Hopper API
         return False
-    if q.shape[2] not in gd.HEAD_DIMS or opts.block_n != gd.BLOCK_N or q.shape[1] > gd.MAX_GROUP * k_buffer.shape[1]:
+    if q.shape[2] not in gd.HEAD_DIMS or opts.block_n != gd.BLOCK_N:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False

@@ -1,8 +1,8 @@
 """BLASST split-KV decode in Gluon for Hopper (sm_90): K keeps streaming while V is skipped.
 
-Same grid, rule and outputs as :mod:`blasst_kernels.triton_decode` (one CTA per request, KV head
-and KV split; the query heads of the group are the rows of an ``mma_v2``; splits are merged by its
-``decode_merge_kernel``). What differs is the memory pipeline, written out by hand because Triton's
+Same grid, rule and outputs as :mod:`blasst_kernels.triton_decode` (one CTA per request, decode
+tile of at most 16 heads of a KV group, and KV split; those heads are the rows of an ``mma_v2``;
+splits are merged by its ``decode_merge_kernel``). What differs is the memory pipeline, written out by hand because Triton's
 pipeliner gives each paged (indirect) load a single buffer and waits on a kept tile's V right
 after issuing it, so with most V skipped a CTA streamed K at ~70 % of copy bandwidth:
 
@@ -32,11 +32,11 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .gluon_prefill import _log2_lambda
 from .triton_decode import decode_merge_kernel
 
-__all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS", "MAX_GROUP"]
+__all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS"]
 
 BLOCK_N = 64  # keys per tile (the skip granularity)
 HEAD_DIMS = (64, 128)
-MAX_GROUP = 16  # query heads per KV head: the rows of one mma_v2 tile
+BLOCK_H = 16  # rows of the mma_v2 tile: query heads of one decode tile (reference.DECODE_HEADS_PER_TILE)
 
 
 @gluon.jit
@@ -60,15 +60,16 @@ def _issue_tile(dst, base, idx_slot, start, hi, keep, stride_t,
 @gluon.jit
 def gluon_decode_kernel(
     Q, K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr, scale_ptr, stats_ptr, part_o, part_lse,
-    sm_scale, kv_group, max_splits,
+    sm_scale, kv_group, heads_per_tile, tiles_per_group, max_splits,
     stride_qb, stride_qh, stride_bkt, stride_bkh, stride_bvt, stride_bvh,
     stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NK: gl.constexpr,
     SKIP: gl.constexpr, COUNT: gl.constexpr,
 ):
     seq = gl.program_id(0)
-    kv_head = gl.program_id(1)
+    tile_h = gl.program_id(1)  # decode tile of heads: KV head tile_h // tiles_per_group
     split = gl.program_id(2)
+    kv_head = tile_h // tiles_per_group
     # int32 positions whatever the indptr dtype: shared-memory ring indices must be 32-bit.
     kv_start = gl.load(kv_indptr + seq).to(gl.int32)
     kv_len = gl.load(kv_indptr + seq + 1).to(gl.int32) - kv_start
@@ -94,8 +95,9 @@ def gluon_decode_kernel(
     dtype: gl.constexpr = Q.dtype.element_ty
 
     offs_h = gl.arange(0, BLOCK_H, layout=ROW)
-    h_ok = offs_h < kv_group
-    heads = kv_head * kv_group + offs_h
+    first_h = (tile_h % tiles_per_group) * heads_per_tile
+    h_ok = (offs_h < heads_per_tile) & (first_h + offs_h < kv_group)
+    heads = kv_head * kv_group + first_h + offs_h
     q_ptrs = (Q + seq.to(gl.int64) * stride_qb + heads[:, None] * stride_qh
               + gl.arange(0, HEAD_D, layout=COL)[None, :])
     q = gl.convert_layout(gl.load(q_ptrs, mask=h_ok[:, None], other=0.0), A_OP)
@@ -205,26 +207,28 @@ def gluon_decode_kernel(
 def gluon_decode(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     part_o: torch.Tensor, part_lse: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-    num_splits: torch.Tensor, max_splits: int, scale, stats, *, sm_scale: float,
-    block_n: int = BLOCK_N, num_k_stages: int = 2,
+    num_splits: torch.Tensor, max_splits: int, scale, stats, *, sm_scale: float, heads_per_tile: int,
+    tiles_per_group: int, block_n: int = BLOCK_N, num_k_stages: int = 2,
 ) -> None:
     """Launch the split kernel and the merge; arguments are validated by :mod:`blasst_kernels.api`.
 
     ``q (B, Hq, D)``, ``k_buffer``/``v_buffer (slots, Hkv, D)`` fp16/bf16 with D in
-    :data:`HEAD_DIMS`, rows 16-byte aligned; ``Hq / Hkv <= MAX_GROUP``; ``scale (Hq,)`` float32 or
+    :data:`HEAD_DIMS`, rows 16-byte aligned; each KV group's heads in ``tiles_per_group`` decode tiles
+    of ``heads_per_tile <= BLOCK_H`` (:func:`blasst_kernels.reference.decode_head_blocks`); ``scale (Hq,)`` float32 or
     ``None`` (dense); ``stats (Hq, 2)`` int32 or ``None``; ``part_o``/``part_lse`` float32 workspaces
     of at least ``(B, Hq, max_splits, D)`` / ``(B, Hq, max_splits)``.
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_buffer.shape[1]
     dummy = part_lse  # never read: SKIP / COUNT are off
-    gluon_decode_kernel[(batch, kv_heads, max_splits)](
+    assert heads_per_tile <= BLOCK_H
+    gluon_decode_kernel[(batch, kv_heads * tiles_per_group, max_splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits,
         dummy if scale is None else scale, dummy if stats is None else stats, part_o, part_lse,
-        sm_scale, num_heads // kv_heads, max_splits,
+        sm_scale, num_heads // kv_heads, heads_per_tile, tiles_per_group, max_splits,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        BLOCK_H=16, BLOCK_N=block_n, HEAD_D=head_dim, NK=num_k_stages, SKIP=scale is not None,
+        BLOCK_H=BLOCK_H, BLOCK_N=block_n, HEAD_D=head_dim, NK=num_k_stages, SKIP=scale is not None,
         COUNT=stats is not None, num_warps=4,
     )
     decode_merge_kernel[(batch, num_heads)](

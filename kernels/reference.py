@@ -15,7 +15,9 @@ float64 by default. Its rule, for every (row set, key tile) the kernel would vis
 Row sets are what one kernel program decides for together:
 
 - prefill/extend: ``block_m`` consecutive new tokens of one query head;
-- decode: all query heads that share a KV head, over one KV split.
+- decode: the query heads that share a KV head, over one KV split; a KV group of more than
+  :data:`DECODE_HEADS_PER_TILE` heads (MQA, MLA at low tensor parallelism) is cut into blocks of
+  that many heads (the last one partial), each deciding on its own.
 
 Key tiles for extend are the cached prefix cut into ``block_n`` tiles from position 0, followed
 by the new tokens cut into ``block_n`` tiles from the first new token (the kernels read the two
@@ -36,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -49,7 +51,13 @@ __all__ = [
     "extend_tile_starts",
     "prefill_skip_sweep",
     "decode_skip_sweep",
+    "DECODE_HEADS_PER_TILE",
+    "decode_head_blocks",
+    "decode_tile_of_head",
 ]
+
+#: Query heads per decode tile at most: the rows one decode program decides for together.
+DECODE_HEADS_PER_TILE = 16
 
 
 class TileState(IntEnum):
@@ -349,42 +357,87 @@ def decode_split_len(kv_len: int, num_splits: int, block_n: int) -> int:
     return max(-(-per // block_n) * block_n, block_n)
 
 
-def _decode_row_sets(q, k, num_splits, block_n, compute_dtype):
-    """Row sets of one decode request (one per KV head and split) and the layout to undo them.
+def decode_head_blocks(group: int) -> Tuple[int, int]:
+    """``(heads per tile, tiles per KV group)`` of decode with ``group`` query heads per KV head:
+    the whole group while it has at most :data:`DECODE_HEADS_PER_TILE` heads, else blocks of that
+    many (the last padded)."""
+    if group < 1:
+        raise ValueError(f"a KV group needs at least one query head, got {group}")
+    if group <= DECODE_HEADS_PER_TILE:
+        return group, 1
+    return DECODE_HEADS_PER_TILE, -(-group // DECODE_HEADS_PER_TILE)
 
-    Returns ``(q_rs, row_args, ns, tps, nt)``: ``q_rs (Hkv·ns, G, Dk)``, ``row_args`` the
-    per-row-set inputs of :func:`_blocked_online_softmax` from ``row_kv_head`` to ``tile_full``,
-    ``ns`` splits of ``tps`` tiles each, ``nt = ceil(L / block_n)`` real tiles.
+
+def decode_tile_of_head(num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """``(Hq,)`` int64: the decode skip-map row (``Hkv · tiles per group`` rows) each query head's
+    decisions are in, for broadcasting decode skip maps to query heads."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    group = num_heads // num_kv_heads
+    per, nb = decode_head_blocks(group)
+    h = torch.arange(num_heads)
+    return (h // group) * nb + (h % group) // per
+
+
+def _to_heads(x: torch.Tensor, num_kv_heads: int, group: int, dim: int) -> torch.Tensor:
+    """Dims ``dim, dim + 1`` of ``x`` are (decode tile, head in tile), ``Hkv · nb`` by ``P``
+    (:func:`decode_head_blocks`): merged into one query-head dim, padding dropped."""
+    per, nb = decode_head_blocks(group)
+    shape = x.shape
+    x = x.reshape(*shape[:dim], num_kv_heads, nb * per, *shape[dim + 2:]).narrow(dim + 1, 0, group)
+    return x.reshape(*shape[:dim], num_kv_heads * group, *shape[dim + 2:])
+
+
+def _pad_heads(x: torch.Tensor, n: int, dim: int, value: float = 0.0) -> torch.Tensor:
+    """``x`` padded along ``dim`` (a KV group's heads) to ``n`` entries of ``value``."""
+    missing = n - x.shape[dim]
+    if not missing:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_full(shape, value)], dim)
+
+
+def _decode_row_sets(q, k, num_splits, block_n, compute_dtype):
+    """Row sets of one decode request (one per decode tile of heads and split) and their layout.
+
+    Returns ``(q_rs, row_args, ns, tps, nt)``: ``q_rs (G·ns, P, Dk)`` with ``G = Hkv · nb`` tiles of
+    ``P`` heads (:func:`decode_head_blocks`), ``row_args`` the per-row-set inputs of
+    :func:`_blocked_online_softmax` from ``row_kv_head`` to ``tile_full``, ``ns`` splits of ``tps``
+    tiles each, ``nt = ceil(L / block_n)`` real tiles.
     """
     Hq, Dk = q.shape
     L, Hkv, _ = k.shape
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     group, dev = Hq // Hkv, q.device
+    per, nb = decode_head_blocks(group)
+    G = Hkv * nb
     split_len = decode_split_len(L, num_splits, block_n)
     ns, tps = -(-L // split_len), split_len // block_n
     pos = torch.arange(ns * split_len, device=dev).view(ns, tps, block_n)
     tiles = torch.where(pos < L, pos, torch.full_like(pos, -1))
-    q_rs = q.to(compute_dtype).view(Hkv, 1, group, Dk).expand(Hkv, ns, group, Dk).reshape(Hkv * ns, group, Dk)
+    q_t = _pad_heads(q.to(compute_dtype).view(Hkv, group, Dk), per * nb, 1).view(G, 1, per, Dk)
+    q_rs = q_t.expand(G, ns, per, Dk).reshape(G * ns, per, Dk)
+    valid = (torch.arange(per * nb, device=dev) < group).view(1, nb, 1, per).expand(Hkv, nb, ns, per)
     row_args = (
-        torch.arange(Hkv, device=dev).repeat_interleave(ns),
-        torch.full((Hkv * ns, group), L, device=dev),
-        torch.ones(Hkv * ns, group, dtype=torch.bool, device=dev),
-        tiles.repeat(Hkv, 1, 1),
-        torch.ones(Hkv * ns, tps, dtype=torch.bool, device=dev),
+        torch.arange(Hkv, device=dev).repeat_interleave(nb * ns),
+        torch.full((G * ns, per), L, device=dev),
+        valid.reshape(G * ns, per),
+        tiles.repeat(G, 1, 1),
+        torch.ones(G * ns, tps, dtype=torch.bool, device=dev),
     )
     return q_rs, row_args, ns, tps, -(-L // block_n)
 
 
-def _decode_seed(q_rs: torch.Tensor, k: torch.Tensor, ns: int, block_n: int, sm_scale: float) -> torch.Tensor:
-    """``(Hkv·ns, G)`` each decode row set's ``seed_max``: the row's max score over tile 0 for
-    splits after the first, ``-inf`` for the first (which visits tile 0 itself)."""
-    Hkv = k.shape[1]
-    k0 = k[:block_n].permute(1, 0, 2).to(q_rs.dtype)  # (Hkv, n0, Dk)
-    q_h = q_rs.view(Hkv, ns, *q_rs.shape[1:])
-    seed = torch.einsum("hsgd,hnd->hsgn", q_h, k0).amax(-1) * sm_scale
-    seed[:, 0] = -math.inf
-    return seed.reshape(Hkv * ns, -1)
+def _decode_seed(q_rs: torch.Tensor, k: torch.Tensor, row_kv_head: torch.Tensor, ns: int, block_n: int,
+                 sm_scale: float) -> torch.Tensor:
+    """``(R, P)`` each decode row set's ``seed_max``: the row's max score over tile 0 for splits
+    after the first, ``-inf`` for the first (which visits tile 0 itself)."""
+    k0 = k[:block_n].permute(1, 0, 2).to(q_rs.dtype)[row_kv_head]  # (R, n0, Dk)
+    seed = torch.einsum("rpd,rnd->rpn", q_rs, k0).amax(-1) * sm_scale
+    first = torch.arange(q_rs.shape[0], device=q_rs.device) % ns == 0
+    return seed.masked_fill(first[:, None], -math.inf)
 
 
 def decode_reference(
@@ -401,9 +454,11 @@ def decode_reference(
 ) -> ReferenceResult:
     """BLASST decode attention of one request (one new token), split-KV.
 
-    All query heads of a KV group decide together: a tile is skipped only when it is negligible for
-    every head of the group. Each split runs its own online softmax, its decisions seeded with tile
-    0's scores after the first split (see the module doc); the splits are merged by log-sum-exp.
+    The query heads of a KV group decide together (in blocks of at most
+    :data:`DECODE_HEADS_PER_TILE`, see :func:`decode_head_blocks`): a tile is skipped only when it is
+    negligible for every head of the block. Each split runs its own online softmax, its decisions
+    seeded with tile 0's scores after the first split (see the module doc); the splits are merged
+    by log-sum-exp.
 
     Args:
         q: ``(Hq, Dk)`` the new token's queries.
@@ -411,11 +466,12 @@ def decode_reference(
         v: ``(L, Hkv, Dv)`` values.
         log_lam: ``(Hq,)`` ln λ per query head, or a scalar; default dense.
         block_n: keys per tile; num_splits: KV splits (see :func:`decode_split_len`).
-        skip_override: optional ``(Hkv, ceil(L / block_n))`` bool decisions to replay.
+        skip_override: optional ``(G, ceil(L / block_n))`` bool decisions to replay.
 
     Returns:
         :class:`ReferenceResult` with ``out (Hq, Dv)``, ``lse (Hq,)`` and skip map
-        ``tile_state``/``margin`` of shape ``(Hkv, ceil(L / block_n))``.
+        ``tile_state``/``margin`` of shape ``(G, ceil(L / block_n))``, ``G = Hkv · nb`` rows of heads
+        (``G = Hkv`` for groups of at most 16; :func:`decode_tile_of_head` maps heads to rows).
     """
     Hq, Dk = q.shape
     Hkv = k.shape[1]
@@ -423,31 +479,34 @@ def decode_reference(
     dev = q.device
     q_rs, row_args, ns, tps, nt = _decode_row_sets(q, k, num_splits, block_n, compute_dtype)
     group = Hq // Hkv
+    per, nb = decode_head_blocks(group)
+    G = Hkv * nb
     if log_lam is None:
         log_lam = torch.full((Hq,), -math.inf)
     log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=dev).expand(Hq)
-    lam_rs = log_lam.view(Hkv, 1, group).expand(Hkv, ns, group).reshape(Hkv * ns, group)
+    lam_rs = _pad_heads(log_lam.view(Hkv, group), per * nb, 1, -math.inf).view(G, 1, per)
+    lam_rs = lam_rs.expand(G, ns, per).reshape(G * ns, per)
     override = None
     if skip_override is not None:
-        padded = torch.zeros(Hkv, ns * tps, dtype=torch.bool, device=dev)
+        padded = torch.zeros(G, ns * tps, dtype=torch.bool, device=dev)
         padded[:, :nt] = skip_override.to(dev)
-        override = padded.view(Hkv * ns, tps)
+        override = padded.view(G * ns, tps)
     acc, m_i, l_i, state, margin, _ = _blocked_online_softmax(
         q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), *row_args, lam_rs, sm_scale, override,
-        seed_max=_decode_seed(q_rs, k, ns, block_n, sm_scale),
+        seed_max=_decode_seed(q_rs, k, row_args[0], ns, block_n, sm_scale),
     )
-    # Merge the splits of each KV head by log-sum-exp.
+    # Merge the splits of each row by log-sum-exp.
     out_s, lse_s = _finish(acc, m_i, l_i)
-    lse_s = lse_s.view(Hkv, ns, group)
-    out_s = out_s.view(Hkv, ns, group, -1)
-    lse = torch.logsumexp(lse_s, dim=1)  # (Hkv, group)
+    lse_s = lse_s.view(G, ns, per)
+    out_s = out_s.view(G, ns, per, -1)
+    lse = torch.logsumexp(lse_s, dim=1)  # (G, per)
     w = torch.exp(lse_s - lse[:, None])
     out = (w[..., None] * torch.nan_to_num(out_s)).sum(1)
     return ReferenceResult(
-        out.reshape(Hq, -1).to(q.dtype),
-        lse.reshape(Hq).float(),
-        state.view(Hkv, ns * tps)[:, :nt].contiguous(),
-        margin.view(Hkv, ns * tps)[:, :nt].contiguous(),
+        _to_heads(out, Hkv, group, 0).to(q.dtype),
+        _to_heads(lse, Hkv, group, 0).float(),
+        state.view(G, ns * tps)[:, :nt].contiguous(),
+        margin.view(G, ns * tps)[:, :nt].contiguous(),
     )
 
 
@@ -464,8 +523,9 @@ def decode_skip_sweep(
 ):
     """Decode skip maps of one request for many thresholds in one pass (no output computed).
 
-    Same rule as :func:`decode_reference`: the query heads of a KV group decide together, and splits
-    after the first start their decisions from tile 0's scores.
+    Same rule as :func:`decode_reference`: the query heads of a KV group (in blocks of at most
+    :data:`DECODE_HEADS_PER_TILE`) decide together, and splits after the first start their
+    decisions from tile 0's scores.
 
     Args:
         q: ``(Hq, Dk)`` the new token's queries; k: ``(L, Hkv, Dk)`` keys of the whole context.
@@ -475,25 +535,29 @@ def decode_skip_sweep(
             dense softmax weight that lies in skipped tiles (``1 − exp(lse_blasst − lse_dense)``).
 
     Returns:
-        int8 ``(S, Hkv, ceil(L / block_n))`` TileState maps, one per threshold; with
-        ``return_skipped_mass`` the tuple ``(maps, mass)``, mass ``(S, Hq)`` in ``compute_dtype``.
+        int8 ``(S, G, ceil(L / block_n))`` TileState maps, one per threshold (``G = Hkv · nb`` rows,
+        see :func:`decode_tile_of_head`); with ``return_skipped_mass`` the tuple ``(maps, mass)``,
+        mass ``(S, Hq)`` in ``compute_dtype``.
     """
     Hq, Dk = q.shape
     Hkv = k.shape[1]
     sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
     q_rs, row_args, ns, tps, nt = _decode_row_sets(q, k, num_splits, block_n, compute_dtype)
     group = Hq // Hkv
+    per, nb = decode_head_blocks(group)
+    G = Hkv * nb
     lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=q.device)
     lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
-    lam_rs = lams.view(-1, Hkv, 1, group).expand(-1, Hkv, ns, group).reshape(-1, Hkv * ns, group)
+    lam_rs = _pad_heads(lams.reshape(-1, Hkv, group), per * nb, 2, -math.inf).view(-1, G, 1, per)
+    lam_rs = lam_rs.expand(-1, G, ns, per).reshape(-1, G * ns, per)
     k_heads = k.permute(1, 0, 2)
     _, _, _, state, _, tile_lse = _blocked_online_softmax(
         q_rs, k_heads, k_heads, *row_args, lam_rs, sm_scale, None, with_output=False,
-        with_tile_lse=return_skipped_mass, seed_max=_decode_seed(q_rs, k, ns, block_n, sm_scale),
+        with_tile_lse=return_skipped_mass, seed_max=_decode_seed(q_rs, k, row_args[0], ns, block_n, sm_scale),
     )
-    state = state.view(-1, Hkv, ns * tps)
+    state = state.view(-1, G, ns * tps)
     if not return_skipped_mass:
         return state[:, :, :nt]
-    # A head's keys span the splits of its KV head: put its tiles of every split in one row.
-    tile_lse = tile_lse.view(Hkv, ns, group, tps).transpose(1, 2).reshape(Hkv, group, ns * tps)
-    return state[:, :, :nt], _skipped_mass(state, tile_lse).reshape(-1, Hq)
+    # A head's keys span the splits of its row: put its tiles of every split in one row.
+    tile_lse = tile_lse.view(G, ns, per, tps).transpose(1, 2).reshape(G, per, ns * tps)
+    return state[:, :, :nt], _to_heads(_skipped_mass(state, tile_lse), Hkv, group, 1)

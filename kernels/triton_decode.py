@@ -1,12 +1,13 @@
 """Triton BLASST split-KV decode over SGLang's paged KV.
 
-Stage 1: one program per (request, KV head, KV split) holds the queries of every head of the KV
-group as the rows of one ``tl.dot`` (a KV tile is loaded once for the whole group). After
-``S = QKᵀ`` the tile is skipped when every head of the group has ``m̃ − m < log2 λ``: then its V
-rows are never read. Decode is memory-bound, so the skip is a predicate on the V load rather than
-a branch (a branch would stop the compiler from pipelining the K loads). Each split keeps its own
-online softmax; a split after the first counts tile 0's scores (the sinks) as seen, so it decides
-about as a single pass over the keys would, and may skip every tile (it then stores lse = −inf).
+Stage 1: one program per (request, decode tile of heads, KV split) holds the queries of the heads
+of a KV group (at most 16, :func:`blasst_kernels.reference.decode_head_blocks`) as the rows of one
+``tl.dot`` (a KV tile is loaded once for them). After ``S = QKᵀ`` the tile is skipped when every
+one of those heads has ``m̃ − m < log2 λ``: then its V rows are never read. Decode is
+memory-bound, so the skip is a predicate on the V load rather than a branch (a branch would stop
+the compiler from pipelining the K loads). Each split keeps its own online softmax; a split after
+the first counts tile 0's scores (the sinks) as seen, so it decides about as a single pass over the
+keys would, and may skip every tile (it then stores lse = −inf).
 Stage 2: merge the splits of each query head by log-sum-exp.
 """
 
@@ -39,7 +40,7 @@ def _scores(q, q_pe, K, idx_ptr, start, hi, stride_bkt, qk_scale,
 def decode_split_kernel(
     Q, K_buf, V_buf, kv_indptr, kv_indices, num_splits_ptr,
     scale_ptr, stats_ptr, map_ptr, part_o, part_lse,
-    sm_scale, kv_group, max_splits,
+    sm_scale, kv_group, heads_per_tile, tiles_per_group, max_splits,
     stride_qb, stride_qh, stride_bkt, stride_bkh, stride_bvt, stride_bvh,
     stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
     stride_map_b, stride_map_h,
@@ -48,8 +49,9 @@ def decode_split_kernel(
     SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    tile_h = tl.program_id(1)  # decode tile of heads: KV head tile_h // tiles_per_group
     split = tl.program_id(2)
+    kv_head = tile_h // tiles_per_group
     kv_start = tl.load(kv_indptr + seq)
     kv_len = tl.load(kv_indptr + seq + 1) - kv_start
     n_splits = tl.minimum(tl.load(num_splits_ptr + seq), max_splits)
@@ -61,8 +63,9 @@ def decode_split_kernel(
         return
 
     offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < kv_group
-    heads = kv_head * kv_group + offs_h
+    first_h = (tile_h % tiles_per_group) * heads_per_tile
+    h_ok = (offs_h < heads_per_tile) & (first_h + offs_h < kv_group)
+    heads = kv_head * kv_group + first_h + offs_h
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
@@ -118,7 +121,7 @@ def decode_split_kernel(
         n_skip += 1 - keep
         if RECORD_MAP:
             # TileState: 1 = computed, 2 = skipped.
-            map_ptrs = map_ptr + seq * stride_map_b + kv_head * stride_map_h + start // BLOCK_N
+            map_ptrs = map_ptr + seq * stride_map_b + tile_h * stride_map_h + start // BLOCK_N
             tl.store(map_ptrs, (n_seen * 0 + 2 - keep).to(tl.int8))
 
     # A split that skipped every tile has l = 0: it stores o = 0, lse = −inf (weight 0 in the merge).
@@ -164,16 +167,17 @@ def decode_merge_kernel(
 
 def launch_decode(
     q, k_buffer, v_buffer, out, part_o, part_lse, kv_indptr, kv_indices, num_splits, max_splits, scale, stats,
-    skip_map, *, sm_scale, skip, block_h, block_n, block_d, block_dpe, block_dv, num_warps, num_stages,
+    skip_map, *, sm_scale, skip, heads_per_tile, tiles_per_group, block_h, block_n, block_d, block_dpe, block_dv,
+    num_warps, num_stages,
 ):
     """Launch both decode stages; arguments are validated by :mod:`blasst_kernels.api`."""
     batch, num_heads = q.shape[0], q.shape[1]
     kv_heads = k_buffer.shape[1]
     map_strides = skip_map.stride()[:2] if skip_map is not None else (0, 0)
-    decode_split_kernel[(batch, kv_heads, max_splits)](
+    decode_split_kernel[(batch, kv_heads * tiles_per_group, max_splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits,
         scale, stats, skip_map, part_o, part_lse,
-        sm_scale, num_heads // kv_heads, max_splits,
+        sm_scale, num_heads // kv_heads, heads_per_tile, tiles_per_group, max_splits,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         *map_strides,

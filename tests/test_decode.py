@@ -8,6 +8,7 @@ import torch
 
 from blasst_kernels import (KernelOptions, TileState, decode_attention, decode_reference, default_num_kv_splits, log_lambda,
                             workspace_kv_splits)
+from blasst_kernels.reference import decode_tile_of_head
 from blasst_kernels.api import DECODE_PROGRAMS_PER_SM
 from helpers import REL_TOL, assert_maps_agree, make_batch, rel_err
 
@@ -32,6 +33,7 @@ def check_decode(ctx, hq, scale_factor, splits, opts, dtype):
         stats=stats, return_skip_map=True, out=out, options=opts,
     )
     visited = skipped = 0
+    heads_of_row = torch.bincount(decode_tile_of_head(hq, kv_heads))[:, None]  # a skip-map row's query heads
     for b, length in enumerate(ctx.prefix_lens):
         slots = ctx.kv_indices[int(ctx.kv_indptr[b]) : int(ctx.kv_indptr[b + 1])].long()
         k, v = ctx.k_buffer[slots], ctx.v_buffer[slots]
@@ -41,9 +43,8 @@ def check_decode(ctx, hq, scale_factor, splits, opts, dtype):
         kmap = skip_map[b, :, : ref.tile_state.shape[1]]
         replay = decode_reference(ctx.q[b], k, v, skip_override=kmap == TileState.SKIPPED, **kw)
         assert rel_err(out[b], replay.out) < REL_TOL[dtype]
-        group = hq // kv_heads
-        visited += group * int((kmap != TileState.UNVISITED).sum())
-        skipped += group * int((kmap == TileState.SKIPPED).sum())
+        visited += int((heads_of_row * (kmap != TileState.UNVISITED)).sum())
+        skipped += int((heads_of_row * (kmap == TileState.SKIPPED)).sum())
     assert int(stats[:, 0].sum()) == visited and int(stats[:, 1].sum()) == skipped
     return skipped / max(visited, 1)
 
@@ -58,6 +59,28 @@ def test_decode_matches_reference(dk, dv, group, rng):
     splits = [random.randint(1, 4) for _ in lens]
     ctx = make_decode(lens, hq, hkv, dk, dv, random.choice([1, 16]), dtype, rng)
     check_decode(ctx, hq, 1.0, splits, KernelOptions(16, 16), dtype)
+
+
+@pytest.mark.parametrize("hq,hkv", [(40, 2), (64, 2)])
+def test_decode_large_groups_decide_in_tiles_of_16_heads(hq, hkv, rng):
+    # MQA / MLA at low tensor parallelism: more than 16 query heads per KV head (20 = 16 + 4).
+    # One KV group leans on its sinks, the other not at all.
+    lens = [random.randint(60, 300) for _ in range(2)]
+    ctx = make_decode(lens, hq, hkv, 64, 64, random.choice([1, 16]), torch.float32, rng)
+    sparsity = check_decode(ctx, hq, 4.0, [2, 1], KernelOptions(16, 16), torch.float32)
+    assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
+
+
+@pytest.mark.parametrize("hq", [16, 20])
+def test_decode_mla_latent_cache(hq, rng):
+    # SGLang's MLA cache: one latent head of 576 = 512 (V) + 64 (rope); v_buffer is a view of it.
+    lens = [random.randint(30, 150) for _ in range(2)]
+    ctx = make_decode(lens, hq, 1, 576, 512, 16, torch.float32, rng)
+    ctx.v_buffer = ctx.k_buffer[..., :512]
+    sink = ctx.k_buffer[int(ctx.kv_indices[0]), 0]  # key 0 is a sink: strength · its direction
+    ctx.q += 1.5 * math.sqrt(576) * sink / sink.norm()  # every head leans on it
+    sparsity = check_decode(ctx, hq, 4.0, [2, 1], KernelOptions(16, 16), torch.float32)
+    assert 0.0 < sparsity < 1.0, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

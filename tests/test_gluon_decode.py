@@ -28,7 +28,7 @@ def _compile(head_dim, skip, idx):
     names = list(inspect.signature(gd.gluon_decode_kernel.fn).parameters)
     ptrs = dict(Q="*bf16", K_buf="*bf16", V_buf="*bf16", kv_indptr=f"*{idx}", kv_indices=f"*{idx}",
                 num_splits_ptr="*i32", scale_ptr="*fp32", stats_ptr="*i32", part_o="*fp32", part_lse="*fp32")
-    consts = dict(BLOCK_H=16, BLOCK_N=gd.BLOCK_N, HEAD_D=head_dim, NK=2, SKIP=skip, COUNT=skip)
+    consts = dict(BLOCK_H=gd.BLOCK_H, BLOCK_N=gd.BLOCK_N, HEAD_D=head_dim, NK=2, SKIP=skip, COUNT=skip)
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "sm_scale" else "i32") for n in names}
     # The launcher's divisibility-16 specialisation of pointers and strides (cp.async needs 16 bytes).
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride")}

@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from blasst_kernels import TileState, decode_reference, prefill_reference
+from blasst_kernels.reference import decode_tile_of_head
 
 
 def sdpa(q, k, v, prefix_len, causal=True):
@@ -58,6 +60,35 @@ def test_decode_group_decides_together(rng):
     alone = decode_reference(q_strong, k, v, block_n=16, log_lam=lam)
     together = decode_reference(torch.cat([q_strong, q_weak]), k, v, block_n=16, log_lam=lam)
     assert alone.sparsity > 0.5 and together.sparsity == 0.0
+
+
+@pytest.mark.parametrize("hkv,group", [(1, 20), (2, 48)])
+def test_decode_large_groups_decide_in_tiles_of_16_heads(hkv, group, rng):
+    # A KV group of more than 16 heads decides in blocks of 16 (the last partial), each exactly as
+    # a KV group of its own heads would; the skip map has one row per block.
+    # The first 16 heads of each group lean on a sink at key 0 (their block skips), the rest do not.
+    d = 32
+    base = torch.randn(hkv, d, dtype=torch.float64, generator=rng)
+    base = base / base.norm(dim=-1, keepdim=True)
+    q = 0.3 * torch.randn(hkv, group, d, dtype=torch.float64, generator=rng)
+    q[:, :16] += 2.0 * base[:, None]
+    q = q.reshape(hkv * group, d)
+    k = 0.3 * torch.randn(200, hkv, d, dtype=torch.float64, generator=rng)
+    k[0] = 20.0 * base
+    v = torch.randn(200, hkv, d, dtype=torch.float64, generator=rng)
+    lam = torch.full((hkv * group,), math.log(0.05), dtype=torch.float64)
+    whole = decode_reference(q, k, v, block_n=16, num_splits=2, log_lam=lam)
+    rows = decode_tile_of_head(hkv * group, hkv)
+    assert whole.tile_state.shape[0] == int(rows.max()) + 1 == hkv * -(-group // 16)
+    for r in range(whole.tile_state.shape[0]):
+        heads = (rows == r).nonzero().flatten()
+        kv = int(heads[0]) // group
+        alone = decode_reference(q[heads], k[:, kv:kv + 1], v[:, kv:kv + 1], block_n=16, num_splits=2, log_lam=lam[heads])
+        assert torch.equal(alone.tile_state[0], whole.tile_state[r])
+        assert torch.allclose(alone.out, whole.out[heads], atol=1e-12)
+        assert torch.allclose(alone.lse, whole.lse[heads], atol=1e-6)
+    skipped = (whole.tile_state == TileState.SKIPPED).float().mean(1)
+    assert (skipped[rows[::group]] > 0.5).all() and (skipped < 0.5).any()  # the sink-led blocks skip
 
 
 def test_decode_splits_restart_and_merge(rng):

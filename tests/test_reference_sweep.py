@@ -12,8 +12,10 @@ from helpers import make_batch
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_decode_sweep_matches_reference(num_splits, per_head, rng):
-    hq, hkv, block_n = 8, 2, 16
+@pytest.mark.parametrize("hq", [8, 40], ids=["group4", "group20"])  # 20: two decode tiles of heads per group
+def test_decode_sweep_matches_reference(num_splits, per_head, hq, rng):
+    hkv, block_n = 2, 16
+    rows = hkv * math.ceil(hq // hkv / 16)
     # One lean on the sink per KV group, as decode decides per group (with per-head leans a
     # weakly leaning head could keep every tile of both groups: ~1 % of seeds never skipped).
     batch = make_batch([150], [1], hq, hkv, 64, 64, 16, torch.float32, rng, lean_per_kv_head=True)
@@ -27,7 +29,7 @@ def test_decode_sweep_matches_reference(num_splits, per_head, rng):
     maps, mass = decode_skip_sweep(
         q, k, log_lams, block_n=block_n, num_splits=num_splits, compute_dtype=torch.float64, return_skipped_mass=True
     )
-    assert maps.shape == (n_lams, hkv, math.ceil(k.shape[0] / block_n)) and maps.dtype == torch.int8
+    assert maps.shape == (n_lams, rows, math.ceil(k.shape[0] / block_n)) and maps.dtype == torch.int8
     assert mass.shape == (n_lams, hq) and mass.dtype == torch.float64
     assert not (maps[0] == 2).any() and (mass[0] == 0).all()
     dense_lse = decode_reference(q, k, v, block_n=block_n, num_splits=num_splits).lse.double()
