@@ -26,6 +26,13 @@ def versions() -> dict:
     return out
 
 
+def _raiser(exc: Exception):
+    def run():
+        raise exc
+
+    return run
+
+
 def _sdpa(backend, q, k, v, cu):
     """SDPA per sequence, KV heads expanded (cuDNN and FA2 take MHA layouts)."""
     group = q.shape[1] // k.shape[1]
@@ -68,38 +75,57 @@ def prefill_baselines(q, k, v, cu, max_len) -> dict:
 
 
 def decode_baselines(q, k_buffer, v_buffer, kv_indptr, kv_indices, page_size, page_table, ctx) -> dict:
-    """``page_table`` ``(batch, pages)``: each request's pages; every request has ``ctx`` tokens."""
+    """``page_table`` ``(batch, pages)``: each request's pages; every request has ``ctx`` tokens.
+    ``v_buffer`` narrower than ``k_buffer`` is MLA's absorbed form: a view of the latent cache
+    (one KV head, ``(slots, 1, dv + rope dims)``), which FlashInfer's MLA decode reads as
+    ``ckv``/``kpe`` pages and SGLang's triton decode reads once (``has_mla``)."""
     batch, hq, d = q.shape
-    hkv = k_buffer.shape[1]
-    n_bytes = 2 * kv_indices.numel() * hkv * d * k_buffer.element_size()
+    hkv, dv = k_buffer.shape[1], v_buffer.shape[2]
+    mla = dv != d
+    row_bytes = hkv * (d if mla else d + dv) * k_buffer.element_size()
+    n_bytes = kv_indices.numel() * row_bytes
     src = torch.empty(n_bytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     # Copy bandwidth: reading n_bytes/2 and writing n_bytes/2 moves the bytes decode must read.
     fns = {"copy (bw ref)": lambda: dst.copy_(src)}
+    per_req = page_table.shape[1]
+    page_indptr = torch.arange(0, batch * per_req + 1, per_req, dtype=torch.int32, device="cuda")
     try:
         import flashinfer
 
         ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        wrapper = flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
-        per_req = page_table.shape[1]
-        page_indptr = torch.arange(0, batch * per_req + 1, per_req, dtype=torch.int32, device="cuda")
-        last = torch.full((batch,), ctx - (per_req - 1) * page_size, dtype=torch.int32, device="cuda")
-        wrapper.plan(page_indptr, page_table.reshape(-1), last, hq, hkv, d, page_size, q_data_type=q.dtype, kv_data_type=k_buffer.dtype)
-        kc = k_buffer.view(-1, page_size, hkv, d)
-        vc = v_buffer.view(-1, page_size, hkv, d)
-        fns["flashinfer decode"] = lambda: wrapper.run(q, (kc, vc))
+        if mla:
+            wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(ws)
+            qo_indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+            kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            wrapper.plan(qo_indptr, page_indptr, page_table.reshape(-1), kv_lens, hq, dv, d - dv, page_size, False,
+                         1 / math.sqrt(d), q.dtype, k_buffer.dtype)
+            pages = k_buffer.view(-1, page_size, d)
+            q_nope, q_pe = q[..., :dv].contiguous(), q[..., dv:].contiguous()
+            fns["flashinfer decode"] = lambda: wrapper.run(q_nope, q_pe, pages[..., :dv], pages[..., dv:])
+        else:
+            wrapper = flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+            last = torch.full((batch,), ctx - (per_req - 1) * page_size, dtype=torch.int32, device="cuda")
+            wrapper.plan(page_indptr, page_table.reshape(-1), last, hq, hkv, d, page_size, q_data_type=q.dtype,
+                         kv_data_type=k_buffer.dtype)
+            kc = k_buffer.view(-1, page_size, hkv, d)
+            vc = v_buffer.view(-1, page_size, hkv, d)
+            fns["flashinfer decode"] = lambda: wrapper.run(q, (kc, vc))
     except ImportError:
         pass
+    except Exception as exc:  # built but failed to plan (e.g. a JIT error): reported as the row's error
+        fns["flashinfer decode"] = _raiser(exc)
     try:
         from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd  # sglang 0.5.17
 
         max_splits = 16
-        o = torch.empty_like(q)
-        logits = torch.empty(batch, hq, max_splits, d, dtype=torch.float32, device="cuda")
+        o = q.new_empty(batch, hq, dv)
+        logits = torch.empty(batch, hq, max_splits, dv, dtype=torch.float32, device="cuda")
         lse = torch.empty(batch, hq, max_splits, dtype=torch.float32, device="cuda")
         splits = torch.full((batch,), max_splits, dtype=torch.int32, device="cuda")
         fns["sglang triton"] = lambda: decode_attention_fwd(
-            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, logits, lse, splits, max_splits, 1 / math.sqrt(d), 1.0, 1.0)
+            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, logits, lse, splits, max_splits, 1 / math.sqrt(d), 1.0,
+            1.0, has_mla=mla)
     except ImportError:
         pass
     return fns

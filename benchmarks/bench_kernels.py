@@ -183,17 +183,18 @@ def prefill_rows(lens, hq, hkv, d, label):
 # ---------------------------------------------------------------- decode
 
 
-def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0):
+def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0, dv=None):
     """A paged cache of ``batch`` contexts of ``ctx`` tokens (last page partial when ``ctx`` is odd).
 
-    Returns ``(q, k_buffer, v_buffer, kv_indptr, kv_indices)`` and the page table
-    ``(batch, pages_per_request)``; q is each context's last query.
+    ``dv`` (MLA's absorbed form, ``hkv = 1``): ``v_buffer`` is a view of the first ``dv`` columns of
+    ``k_buffer``, the latent cache SGLang keeps. Returns ``(q, k_buffer, v_buffer, kv_indptr,
+    kv_indices)`` and the page table ``(batch, pages_per_request)``; q is each context's last query.
     """
     per_req = -(-ctx // page_size)
     perm = torch.randperm(batch * per_req, generator=torch.Generator().manual_seed(seed)).cuda().view(batch, per_req)
     slots = (perm[:, :, None] * page_size + torch.arange(page_size, device="cuda")).reshape(batch, -1)[:, :ctx]
     k_buffer = torch.empty(batch * per_req * page_size, hkv, d, dtype=torch.bfloat16, device="cuda")
-    v_buffer = torch.empty_like(k_buffer)
+    v_buffer = torch.empty_like(k_buffer) if dv is None else k_buffer[..., :dv]
     q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="cuda")
     # One synthetic sequence; request b reads token 0 (the sink) and then a window of it that starts
     # 97·b tokens later, so requests differ while each sees what a real decode step sees: the sink
@@ -204,16 +205,17 @@ def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0):
     for b in range(batch):
         window = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, ctx) + stride * b]).to(ks.device)
         k_buffer[slots[b]] = ks[window]
-        v_buffer[slots[b]] = vs[window]
+        if dv is None:
+            v_buffer[slots[b]] = vs[window]
         q[b] = qs[window[-1]]
     kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
     return (q, k_buffer, v_buffer, kv_indptr, slots.reshape(-1).to(torch.int32)), perm.to(torch.int32)
 
 
-def check_decode(hq, hkv, d):
-    (q, kb, vb, indptr, idx), _ = decode_inputs(4, 3001, hq, hkv, d, 16, 1.6, seed=7)
+def check_decode(hq, hkv, d, dv=None):
+    (q, kb, vb, indptr, idx), _ = decode_inputs(4, 3001, hq, hkv, d, 16, 1.6, seed=7, dv=dv)
     slots = idx.view(4, 3001)
-    opts = default_options(d, d, "decode")
+    opts = default_options(d, dv or d, "decode")
     splits = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device="cuda")
     factor = 300.0
     out, kmap = decode_attention(q, kb, vb, indptr, idx, threshold_scale_factor=factor, num_kv_splits=splits,
@@ -232,10 +234,14 @@ def check_decode(hq, hkv, d):
     return {"rel_err": worst, "map_disagreements": disagree, "sparsity": sparsity, "ok": worst < 2e-2 and disagree == 0}
 
 
-def decode_rows(batch, ctx, hq, hkv, d, page_size):
+def decode_rows(batch, ctx, hq, hkv, d, page_size, dv=None):
+    """Dense and ~50/70/90 % skipped decode against the dense baselines. GB/s count the cache bytes
+    a dense decode reads: K and V, or with ``dv`` (MLA) the latent rows once."""
     shape = {"batch": batch, "ctx": ctx, "hq": hq, "hkv": hkv, "d": d, "page_size": page_size}
-    kv_bytes = 2 * batch * ctx * hkv * d * 2  # K and V, bf16
-    dense_data, page_table = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0)
+    if dv is not None:
+        shape["dv"] = dv
+    kv_bytes = batch * ctx * hkv * (d if dv is not None else 2 * d) * 2  # bf16
+    dense_data, page_table = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0, dv=dv)
     rows = [{**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": bench(lambda: decode_attention(*dense_data))}]
     for name, fn in baselines.decode_baselines(*dense_data, page_size, page_table, ctx).items():
         try:
@@ -244,7 +250,7 @@ def decode_rows(batch, ctx, hq, hkv, d, page_size):
             rows.append({**shape, "kernel": name, "error": repr(exc)[:300]})
     for target in TARGETS:
         for sharp in SHARPNESS:
-            data = dense_data if sharp == 1.0 else decode_inputs(batch, ctx, hq, hkv, d, page_size, sharp)[0]
+            data = dense_data if sharp == 1.0 else decode_inputs(batch, ctx, hq, hkv, d, page_size, sharp, dv=dv)[0]
             factor, sp = find_factor(
                 lambda f, st: decode_attention(*data, threshold_scale_factor=f, stats=st), hq, target, ctx / 2)
             if abs(sp - target) < 0.05:
@@ -265,7 +271,7 @@ def print_table(rows, base_names):
     print(f"{'shape':44s} {'kernel':24s} {'spars':>6s} {'ms':>8s} {'TF/s|GB/s':>10s} {'vs best dense':>13s} {'vs own dense':>12s}")
     groups = {}
     for r in rows:
-        key = json.dumps({k: r[k] for k in r if k in ("lens", "hq", "hkv", "d", "batch", "ctx", "page_size")})
+        key = json.dumps({k: r[k] for k in r if k in ("lens", "hq", "hkv", "d", "dv", "batch", "ctx", "page_size")})
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
         dense = [r["ms"] for r in rs if r.get("kernel") in base_names and "ms" in r]
@@ -287,6 +293,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     ap.add_argument("--lengths", default=None, help="prefill lengths, comma-separated (default 16384,32768,65536)")
     ap.add_argument("--no-ragged", action="store_true", help="skip the ragged prefill batch")
+    ap.add_argument("--prefill-dims", default="128,64",
+                    help="prefill head dims (d=64: GQA rows at lengths up to 32K; MHA and ragged at d=128 only)")
+    ap.add_argument("--decode-sets", default="d128,d64,mla",
+                    help="decode shapes: d128 (GQA 32/8, the P4 shapes), d64 (GQA 32/8), mla (576/512 latent, 16/64/128 heads)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     info = env_info()
@@ -294,36 +304,54 @@ def main():
     result = {"env": info, "inputs": "synthetic sinks + local windows (benchmarks/synthetic.py)", "checks": {}, "rows": []}
     hq, hkv, d = 32, 8, 128
     if args.phase in ("prefill", "all"):
-        for dd in (64, 128):
+        dims = tuple(int(x) for x in args.prefill_dims.split(","))
+        for dd in dims:
             result["checks"][f"prefill_d{dd}"] = check_prefill(hq, hkv, dd)
             print("check prefill", dd, result["checks"][f"prefill_d{dd}"], flush=True)
         lengths = (8192, 16384) if args.quick else (16384, 32768, 65536)
         if args.lengths:
             lengths = tuple(int(x) for x in args.lengths.split(","))
         for n in lengths:
-            for label, (h, hk) in (("GQA 32/8", (32, 8)), ("MHA 32/32", (32, 32))):
-                if label.startswith("MHA") and (args.quick or n > 32768):
-                    continue
-                try:
-                    result["rows"] += prefill_rows([n], h, hk, d, label)
-                except Exception:
-                    traceback.print_exc()
-                print(f"prefill {n} {label} done", flush=True)
+            for dd in dims:
+                for label, (h, hk) in (("GQA 32/8", (32, 8)), ("MHA 32/32", (32, 32))):
+                    if label.startswith("MHA") and (args.quick or n > 32768 or dd != 128):
+                        continue
+                    if dd != 128 and n > 32768:
+                        continue
+                    try:
+                        result["rows"] += prefill_rows([n], h, hk, dd, label)
+                    except Exception:
+                        traceback.print_exc()
+                    print(f"prefill {n} {label} d={dd} done", flush=True)
         if not (args.quick or args.no_ragged):
             result["rows"] += prefill_rows([8192, 4096, 2048, 1024, 1024], hq, hkv, d, "ragged GQA 32/8")
     if args.phase in ("decode", "all"):
-        result["checks"]["decode_d128"] = check_decode(hq, hkv, d)
-        print("check decode", result["checks"]["decode_d128"], flush=True)
-        # P4's shapes, then few long requests (where the split count decides how much of the GPU works).
-        configs = [(32, 16384, 16), (128, 8192, 1)] if args.quick else [
-            (16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1), (1, 131072, 16),
-            (4, 65536, 16)]
-        for batch, ctx, page in configs:
+        sets = args.decode_sets.split(",")
+        # (batch, ctx, page size, query heads, KV heads, head dim, V head dim or None)
+        configs = []
+        if "d128" in sets:
+            # P4's shapes, then few long requests (where the split count decides how much of the GPU works).
+            shapes = [(32, 16384, 16), (128, 8192, 1)] if args.quick else [
+                (16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1), (1, 131072, 16),
+                (4, 65536, 16)]
+            configs += [(b, n, p, hq, hkv, d, None) for b, n, p in shapes]
+        if "d64" in sets:
+            configs += [(b, n, p, hq, hkv, 64, None) for b, n, p in ((32, 32768, 16), (128, 8192, 1))]
+        if "mla" in sets:  # DeepSeek-V2/V3's latent cache: 16 heads per rank at TP 8, 64 at TP 2, 128 at TP 1
+            configs += [(b, n, p, h, 1, 576, 512) for b, n, p, h in (
+                (32, 32768, 1, 16), (128, 8192, 1, 16), (64, 16384, 64, 16), (32, 32768, 1, 64), (16, 32768, 1, 128))]
+        checked = set()
+        for batch, ctx, page, h, hk, dd, dv in configs:
+            key = f"decode_d{dd}" + (f"_{dv}_h{h}" if dv else "")
             try:
-                result["rows"] += decode_rows(batch, ctx, hq, hkv, d, page)
+                if key not in checked:
+                    checked.add(key)
+                    result["checks"][key] = check_decode(h, hk, dd, dv)
+                    print("check", key, result["checks"][key], flush=True)
+                result["rows"] += decode_rows(batch, ctx, h, hk, dd, page, dv)
             except Exception:
                 traceback.print_exc()
-            print(f"decode {batch}x{ctx} page {page} done", flush=True)
+            print(f"decode {batch}x{ctx} page {page} h={h}/{hk} d={dd}{'/' + str(dv) if dv else ''} done", flush=True)
     os.makedirs(args.out, exist_ok=True)
     name = f"bench_kernels_{info['device'].replace(' ', '_')}_{info['date'][:10]}.json"
     with open(os.path.join(args.out, name), "w") as f:
