@@ -393,7 +393,7 @@ def default_num_kv_splits(
     """KV splits per request, on device and without a sync (CUDA-graph safe; one small launch).
 
     Every request is cut into chunks of about the same number of keys, sized so that the
-    ``(request, KV head, split)`` programs fill the GPU's resident slots (:data:`DECODE_PROGRAMS_PER_SM`
+    ``(request, decode tile of heads, split)`` programs fill the GPU's resident slots (:data:`DECODE_PROGRAMS_PER_SM`
     per SM) twice, just under: with one program per slot and wave the last, partial wave decides
     the time (H100, ``benchmarks/NOTES.md`` v8: 1.3 waves ran at 0.85x the speed of 1.94 or 2.9,
     and skipping tiles makes programs unequal, which more waves even out). When two waves' chunks
@@ -402,7 +402,8 @@ def default_num_kv_splits(
 
     Args:
         kv_lens: ``(B,)`` integer KV length of each request (device tensor).
-        kv_heads: KV heads (programs per split).
+        kv_heads: programs per request and split: the KV heads, times the tiles of heads per KV
+            group for groups of more than 16 query heads (:func:`blasst_kernels.reference.decode_head_blocks`).
         block_n: keys per tile.
         max_kv_splits: upper bound per request (the size of the partial-result workspaces).
         sms: streaming multiprocessors; default the device's (132 on CPU).
@@ -501,13 +502,14 @@ def decode_attention(
         if partial_out is not None and partial_out.dim() == 4:
             max_kv_splits = partial_out.shape[2]
         else:
-            max_kv_splits = workspace_kv_splits(batch, kv_heads, _sm_count(device))
+            max_kv_splits = workspace_kv_splits(batch, kv_heads * tiles_per_group, _sm_count(device))
     if max_kv_splits < 1:
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
     _check_runnable(q)
     opts = options or default_options(dk, dv, "decode")
     if num_kv_splits is None:
-        num_kv_splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_heads, opts.block_n, max_kv_splits)
+        num_kv_splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_heads * tiles_per_group, opts.block_n,
+                                              max_kv_splits)
     else:
         _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
         if num_kv_splits.shape[0] != batch:

@@ -46,7 +46,7 @@ def decode_split_kernel(
     stride_map_b, stride_map_h,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
+    SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr, V_IN_K: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     tile_h = tl.program_id(1)  # decode tile of heads: KV head tile_h // tiles_per_group
@@ -102,9 +102,12 @@ def decode_split_kernel(
             # Keep the tile when any head of the group may matter (split 0's first tile: m = −inf).
             # The loop stays branch-free so K loads keep their pipelining; a skipped tile's V load
             # is predicated off (no memory traffic) and its update is a no-op (p = 0, alpha = 1,
-            # selected rather than computed: m may still be −inf).
+            # selected rather than computed: m may still be −inf). With V inside the K rows just
+            # read (MLA's latent cache) the predicate would save no memory traffic, only delay
+            # the load until the decision: V is loaded whole, as in dense mode.
             keep = tl.max(((m_ij - tl.maximum(m_i, seed) >= log2_lam) & h_ok).to(tl.int32), 0)
-            v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=n_ok[:, None] & (keep > 0), other=0.0)
+            v_ok = n_ok[:, None] if V_IN_K else n_ok[:, None] & (keep > 0)
+            v = tl.load(V + rows[:, None] * stride_bvt + offs_dv[None, :], mask=v_ok, other=0.0)
             m_new = tl.where(keep > 0, tl.maximum(m_i, m_ij), m_i)
             p = tl.where(keep > 0, tl.math.exp2(qk - m_new[:, None]), 0.0)
             alpha = tl.where(keep > 0, tl.math.exp2(m_i - m_new), 1.0)
@@ -165,6 +168,13 @@ def decode_merge_kernel(
     tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_dv, (acc / denom).to(O.dtype.element_ty))
 
 
+def _v_in_k(k_buffer, v_buffer) -> bool:
+    """Whether each V row lies inside its K row (``v_buffer`` a view of ``k_buffer``'s first
+    columns: SGLang's MLA latent cache), so reading K brings V into cache too."""
+    return (v_buffer.data_ptr() == k_buffer.data_ptr() and v_buffer.stride() == k_buffer.stride()
+            and v_buffer.shape[2] <= k_buffer.shape[2])
+
+
 def launch_decode(
     q, k_buffer, v_buffer, out, part_o, part_lse, kv_indptr, kv_indices, num_splits, max_splits, scale, stats,
     skip_map, *, sm_scale, skip, heads_per_tile, tiles_per_group, block_h, block_n, block_d, block_dpe, block_dv,
@@ -183,7 +193,7 @@ def launch_decode(
         *map_strides,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
         SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        V_IN_K=_v_in_k(k_buffer, v_buffer), num_warps=num_warps, num_stages=num_stages,
     )
     decode_merge_kernel[(batch, num_heads)](
         part_o, part_lse, out, kv_indptr, num_splits, max_splits,

@@ -10,6 +10,7 @@ from blasst_kernels import (KernelOptions, TileState, decode_attention, decode_r
                             workspace_kv_splits)
 from blasst_kernels.reference import decode_tile_of_head
 from blasst_kernels.api import DECODE_PROGRAMS_PER_SM
+from blasst_kernels.triton_decode import _v_in_k
 from helpers import REL_TOL, assert_maps_agree, make_batch, rel_err
 
 HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (576, 512)]
@@ -79,6 +80,7 @@ def test_decode_mla_latent_cache(hq, rng):
     ctx.v_buffer = ctx.k_buffer[..., :512]
     sink = ctx.k_buffer[int(ctx.kv_indices[0]), 0]  # key 0 is a sink: strength · its direction
     ctx.q += 1.5 * math.sqrt(576) * sink / sink.norm()  # every head leans on it
+    assert _v_in_k(ctx.k_buffer, ctx.v_buffer)  # V loads are not predicated: they read K's rows again
     sparsity = check_decode(ctx, hq, 4.0, [2, 1], KernelOptions(16, 16), torch.float32)
     assert 0.0 < sparsity < 1.0, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
 
@@ -182,3 +184,21 @@ def test_workspace_splits_bound_the_default():
         cap = workspace_kv_splits(batch, 8, 132)
         assert 16 <= cap <= 128
         assert int(default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 1 << 20, sms=132).max()) <= cap
+
+
+def test_default_splits_count_every_tile_of_heads(monkeypatch, rng):
+    # 32 query heads on one KV head run as two 16-head tiles per split: the default split count
+    # and workspace see two programs per request and split, as two KV heads would.
+    import blasst_kernels.api as api
+
+    seen = {}
+    real = api.default_num_kv_splits
+
+    def spy(kv_lens, programs, *args, **kw):
+        seen["programs"] = programs
+        return real(kv_lens, programs, *args, **kw)
+
+    monkeypatch.setattr(api, "default_num_kv_splits", spy)
+    ctx = make_decode([90, 40], 32, 1, 64, 64, 1, torch.float32, rng)
+    decode_attention(ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices, threshold_scale_factor=2.0)
+    assert seen["programs"] == 2

@@ -29,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 
 from blasst_kernels.gluon_decode import gluon_decode_kernel, gluon_decode as _launch  # noqa: E402
+import blasst_kernels.gluon_decode as gd  # noqa: E402
+from blasst_kernels.reference import decode_head_blocks  # noqa: E402
 
 
 def gluon_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits, max_splits, scale, *, stats=None, nk=2,
@@ -38,8 +40,9 @@ def gluon_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits, max_s
     part_o = torch.empty(batch, hq, max_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, hq, max_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    per, nb = decode_head_blocks(q.shape[1] // k_buffer.shape[1])
     _launch(q, k_buffer, v_buffer, out, part_o, part_lse, kv_indptr, kv_indices, num_splits, max_splits, scale, stats,
-            sm_scale=d ** -0.5, block_n=block_n, num_k_stages=nk)
+            sm_scale=d ** -0.5, heads_per_tile=per, tiles_per_group=nb, block_n=block_n, num_k_stages=nk)
     return out
 
 
@@ -55,7 +58,7 @@ def compile_report(configs):
         sig = {n: "i32" for n in inspect.signature(gluon_decode_kernel.fn).parameters}
         sig.update(Q="*bf16", K_buf="*bf16", V_buf="*bf16", kv_indptr="*i32", kv_indices="*i32", num_splits_ptr="*i32",
                    scale_ptr="*fp32", stats_ptr="*i32", part_o="*fp32", part_lse="*fp32", sm_scale="fp32")
-        consts = dict(BLOCK_H=16, BLOCK_N=bn, HEAD_D=128, NK=nk, SKIP=skip, COUNT=False)
+        consts = dict(BLOCK_H=gd.BLOCK_H, BLOCK_N=bn, HEAD_D=128, NK=nk, SKIP=skip, COUNT=False)
         for k in consts:
             sig[k] = "constexpr"
         names = list(inspect.signature(gluon_decode_kernel.fn).parameters)
