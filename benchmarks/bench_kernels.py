@@ -267,12 +267,19 @@ def decode_rows(batch, ctx, hq, hkv, d, page_size, dv=None):
 # ---------------------------------------------------------------- main
 
 
+def shape_label(r) -> str:
+    """A row's shape in a few characters: prefill ``16384 h32/8 d128``, decode ``B16x65536 p16 h32/8 d128``."""
+    heads = f"h{r['hq']}/{r['hkv']} d{r['d']}" + (f"/{r['dv']}" if "dv" in r else "")
+    if "lens" in r:
+        return f"{'+'.join(map(str, r['lens']))} {heads}"
+    return f"B{r['batch']}x{r['ctx']} p{r['page_size']} {heads}"
+
+
 def print_table(rows, base_names):
-    print(f"{'shape':44s} {'kernel':24s} {'spars':>6s} {'ms':>8s} {'TF/s|GB/s':>10s} {'vs best dense':>13s} {'vs own dense':>12s}")
+    print(f"{'shape':38s} {'kernel':26s} {'spars':>6s} {'ms':>8s} {'TF/s|GB/s':>10s} {'vs best dense':>13s} {'vs own dense':>12s}")
     groups = {}
     for r in rows:
-        key = json.dumps({k: r[k] for k in r if k in ("lens", "hq", "hkv", "d", "dv", "batch", "ctx", "page_size")})
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(shape_label(r), []).append(r)
     for key, rs in groups.items():
         dense = [r["ms"] for r in rs if r.get("kernel") in base_names and "ms" in r]
         best = min(dense) if dense else None
@@ -280,11 +287,11 @@ def print_table(rows, base_names):
         for r in rs:
             rate = r.get("tflops", r.get("gbps", float("nan")))
             if "error" in r:
-                print(f"{key[:44]:44s} {r['kernel']:24s} error: {r['error'][:60]}")
+                print(f"{key:38s} {r['kernel']:26s} error: {r['error'][:60]}")
                 continue
             ratio = best / r["ms"] if best else float("nan")
             ratio_own = own / r["ms"] if own else float("nan")
-            print(f"{key[:44]:44s} {r['kernel']:24s} {r['sparsity']:6.2f} {r['ms']:8.3f} {rate:10.1f} {ratio:12.2f}x {ratio_own:11.2f}x")
+            print(f"{key:38s} {r['kernel']:26s} {r['sparsity']:6.2f} {r['ms']:8.3f} {rate:10.1f} {ratio:12.2f}x {ratio_own:11.2f}x")
 
 
 def main():
