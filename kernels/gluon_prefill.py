@@ -44,7 +44,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["gluon_prefill", "HALF_M", "CTA_M", "DENSE_DEFAULTS", "SKIP_DEFAULTS", "SPECULATE_BELOW", "launch_config"]
+__all__ = ["gluon_prefill", "HALF_M", "CTA_M", "DENSE_DEFAULTS", "SKIP_DEFAULTS", "SPECULATE_BELOW", "WORK_LIST_RATIO",
+           "launch_config", "use_work_list"]
 
 HALF_M = 64  # query rows per consumer warpgroup (the skip-decision granularity)
 CTA_M = 2 * HALF_M  # query rows per CTA
@@ -586,8 +587,35 @@ def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_
 
 
 @gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _work_item(qo_indptr, n_seqs, pid, CTA_ROWS: gl.constexpr, CHUNK: gl.constexpr):
+    """``(sequence, row block)`` of work item ``pid``: the batch's row blocks of ``CTA_ROWS`` rows,
+    listed sequence after sequence, each sequence's last (longest causal) block first; sequence
+    ``-1`` past the last block. Reads ``qo_indptr`` ``CHUNK`` sequences at a time."""
+    layout: gl.constexpr = gl.BlockedLayout([CHUNK // 32], [32], [gl.num_warps()], [0])  # whole in each warp
+    seq = pid * 0 - 1
+    blk = pid * 0
+    base = pid * 0  # row blocks of the chunks before
+    for c in range(0, n_seqs, CHUNK):
+        offs = c + gl.arange(0, CHUNK, layout=layout)
+        ok = offs < n_seqs
+        lo = gl.load(qo_indptr + offs, mask=ok, other=0).to(gl.int32)
+        n = gl.where(ok, (gl.load(qo_indptr + offs + 1, mask=ok, other=0).to(gl.int32) - lo + CTA_ROWS - 1) // CTA_ROWS, 0)
+        end = gl.associative_scan(n, 0, _add) + base  # one past each sequence's last item
+        mine = (end - n <= pid) & (pid < end)
+        seq = gl.maximum(seq, gl.max(gl.where(mine, offs, -1), 0))
+        blk = gl.maximum(blk, gl.max(gl.where(mine, end - 1 - pid, 0), 0))
+        base += gl.sum(n, 0)
+    return seq, blk
+
+
+@gluon.jit
 def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_indptr, kv_indptr, scale_ptr, stats_ptr,
-                         sm_scale, kv_group, stride_ot, stride_oh,
+                         sm_scale, kv_group, stride_ot, stride_oh, n_seqs, WORK_LIST: gl.constexpr,
                          BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                          SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
@@ -599,18 +627,21 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_i
     gl.static_assert(not HAS_PREFIX or (OVERLAP and V_EARLY), "a cached prefix needs OVERLAP and V_EARLY")
     # The overlap loop releases K (after S = QKᵀ) and V (after P·V) at different times.
     KV_BAR_: gl.constexpr = KV_BAR and not OVERLAP
-    # Longest CTAs first: program 0 takes the last 128 rows of the longest sequences.
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    if WORK_LIST:  # one program per row block that exists (see use_work_list)
+        seq, pid_m = _work_item(qo_indptr, n_seqs, gl.program_id(0), 2 * HALF, 128)
+    else:  # one per row block of the longest sequence and sequence; the longest CTAs first
+        seq = gl.program_id(2)
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     head = gl.program_id(1)
-    seq = gl.program_id(2)
-    q_start = gl.load(qo_indptr + seq).to(gl.int32)
-    seq_len = gl.load(qo_indptr + seq + 1).to(gl.int32) - q_start
+    seq_at = gl.maximum(seq, 0)
+    q_start = gl.load(qo_indptr + seq_at).to(gl.int32)
+    seq_len = gl.load(qo_indptr + seq_at + 1).to(gl.int32) - q_start
     kv_start = 0
     pre_len = 0
     if HAS_PREFIX:  # the sequence's cached prefix: rows kv_indptr[seq]:kv_indptr[seq+1] of kp/vp
-        kv_start = gl.load(kv_indptr + seq).to(gl.int32)
-        pre_len = gl.load(kv_indptr + seq + 1).to(gl.int32) - kv_start
-    if pid_m * (2 * HALF) < seq_len:
+        kv_start = gl.load(kv_indptr + seq_at).to(gl.int32)
+        pre_len = gl.load(kv_indptr + seq_at + 1).to(gl.int32) - kv_start
+    if (seq >= 0) & (pid_m * (2 * HALF) < seq_len):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], k_desc.layout)
@@ -688,8 +719,22 @@ SKIP_DEFAULTS = dict(num_stages=2, overlap=True, v_early=True, kv_bar=False, vot
 #: 0.99-1.00x dense against 0.90-0.94x deciding first; at ~70 % skipped 15-17 % slower. The two
 #: pipelines' times cross at 20 % (16K) to 30 % (32K) skipped.
 SPECULATE_BELOW = 0.25
+#: The prefill runs a work list of row blocks when the grid over the longest sequence would be at
+#: least this many times larger (mostly programs that exit at once). H100, GQA 32/8, d=128
+#: (``results/experiments/gluon_H100/gluon_v15_work_list*.json``): 8K tokens with 64 sequences of 256
+#: (a grid 16x the list) ran 1.24x faster dense and 1.32x at ~47 % skipped; a work list cost 1.7 %
+#: on 8K+4K+2K+1K+1K (2.4x) and 2.7 % on 16 x 1K (no empty program), where the grid stays.
+WORK_LIST_RATIO = 4
 _TUNING_KEYS = ("num_stages", "overlap", "v_early", "kv_bar", "vote", "spec", "lazy_v", "zero_tail_v", "consumer_regs",
                 "producer_regs", "maxnreg")
+
+
+def use_work_list(max_extend_len: int, total_rows: int, batch: int) -> bool:
+    """Whether a launch lists its row blocks (one program each, found in ``qo_indptr``; at most
+    ``ceil(total_rows / CTA_M) + batch`` of them, known without a sync) rather than running a grid
+    over the longest sequence's row blocks for every sequence, whose programs past a shorter
+    sequence's end exit at once: when that grid is :data:`WORK_LIST_RATIO` times larger or more."""
+    return (triton.cdiv(total_rows, CTA_M) + batch) * WORK_LIST_RATIO <= triton.cdiv(max_extend_len, CTA_M) * batch
 
 
 def launch_config(skip: bool, speculate: bool = False, **tuning) -> dict:
@@ -726,7 +771,7 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         stats: ``None`` or int32 ``(Hq, 2)`` CUDA counters, incremented by (tiles visited, tiles
             skipped); a tile is 64 query rows × ``block_n`` keys.
         sm_scale: softmax scale (``1/sqrt(D)`` usually).
-        max_extend_len: the longest sequence (grid size; no device sync here).
+        max_extend_len: the longest sequence (0: nothing to do; no device sync here).
         block_n: keys per tile (64 or 128).
         k_prefix, v_prefix, kv_indptr: optional cached prefixes, gathered: ``(P, Hkv, D)`` contiguous
             (rows ``kv_indptr[b]:kv_indptr[b+1]`` are sequence ``b``'s prefix, which new token ``i``
@@ -768,11 +813,12 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
         _, kp_desc, vp_desc = make_descriptors(q, k_prefix, v_prefix, block_n)
     else:
         kp_desc, vp_desc, kv_indptr = k_desc, v_desc, qo_indptr  # never read
-    grid = (triton.cdiv(max_extend_len, CTA_M), hq, batch)
+    work_list = use_work_list(max_extend_len, T, batch)
+    grid = (triton.cdiv(T, CTA_M) + batch, hq) if work_list else (triton.cdiv(max_extend_len, CTA_M), hq, batch)
     gluon_prefill_kernel[grid](
         q_desc, k_desc, v_desc, kp_desc, vp_desc, out, qo_indptr, kv_indptr,
         scale if skip else out, stats if stats is not None else out,
-        float(sm_scale), hq // hkv, out.stride(0), out.stride(1),
+        float(sm_scale), hq // hkv, out.stride(0), out.stride(1), batch, work_list,
         BLOCK_N=block_n, HEAD_D=d, NUM_STAGES=cfg["num_stages"], SKIP=skip, COUNT=stats is not None,
         ZERO_TAIL_V=cfg["zero_tail_v"], OVERLAP=cfg["overlap"], CONSUMER_REGS=cfg["consumer_regs"],
         PRODUCER_REGS=cfg["producer_regs"], V_EARLY=cfg["v_early"], KV_BAR=cfg["kv_bar"], VOTE=cfg["vote"],

@@ -78,11 +78,11 @@ def compile_variant(gp, *, skip, num_stages=2, overlap=False, v_early=False, kv_
     sig = {"q_desc": desc(gp.HALF_M), "k_desc": desc(bn), "v_desc": desc(bn), "kp_desc": desc(bn), "vp_desc": desc(bn),
            "out_ptr": f"*{dtype}", "qo_indptr": "*i32", "kv_indptr": "*i32", "scale_ptr": "*fp32", "stats_ptr": "*i32",
            "sm_scale": "fp32",
-           "kv_group": "i32", "stride_ot": "i32", "stride_oh": "i32"}
+           "kv_group": "i32", "stride_ot": "i32", "stride_oh": "i32", "n_seqs": "i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, NUM_STAGES=num_stages, SKIP=skip, COUNT=count, ZERO_TAIL_V=True,
                   OVERLAP=overlap, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
                   V_EARLY=v_early, KV_BAR=kv_bar, VOTE=vote, SPEC=spec, HAS_PREFIX=prefix,
-                  LAZY_V=lazy_v)
+                  LAZY_V=lazy_v, WORK_LIST=False)
     for name in inspect.signature(gp.gluon_prefill_kernel.fn).parameters:
         sig.setdefault(name, "constexpr")
     src = GluonASTSource(gp.gluon_prefill_kernel, sig, constexprs=consts)

@@ -365,6 +365,8 @@ def main():
             dict(lens=[1000, 77, 4097, 129], hq=8, hkv=8, dtype=torch.bfloat16, factor=None),
             dict(lens=[1000, 77, 4097, 129], hq=16, hkv=4, dtype=torch.bfloat16, factor=300.0),
             dict(lens=[1000, 77, 4097, 129], hq=32, hkv=4, dtype=torch.bfloat16, factor=30.0, nan_pad=100),
+            # one long sequence among many short ones: the launcher's work list (WORK_LIST_RATIO)
+            dict(lens=[2049, 5, 77, 1, 130, 64] + [33] * 12, hq=16, hkv=4, dtype=torch.bfloat16, factor=30.0, nan_pad=64),
         ]
         if not args.quick:
             cases += [
