@@ -393,17 +393,19 @@ def default_num_kv_splits(
     """KV splits per request, on device and without a sync (CUDA-graph safe; one small launch).
 
     Every request is cut into chunks of about the same number of keys, sized so that the
-    ``(request, decode tile of heads, split)`` programs fill the GPU's resident slots (:data:`DECODE_PROGRAMS_PER_SM`
-    per SM) twice, just under: with one program per slot and wave the last, partial wave decides
-    the time (H100, ``benchmarks/NOTES.md`` v8: 1.3 waves ran at 0.85x the speed of 1.94 or 2.9,
-    and skipping tiles makes programs unequal, which more waves even out). When two waves' chunks
-    would be shorter than :data:`LONG_SPLIT_TILES` tiles (few, short requests), one wave; never
-    shorter than :data:`MIN_SPLIT_TILES` tiles; at most ``max_kv_splits`` per request.
+    ``(request, decode tile of heads, split)`` programs fill the GPU's resident slots
+    (:data:`DECODE_PROGRAMS_PER_SM` per SM) twice, just under: with one program per slot and wave
+    the last, partial wave decides the time (H100, ``benchmarks/NOTES.md`` v8: 1.3 waves ran at
+    0.85x the speed of 1.94 or 2.9, and skipping tiles makes programs unequal, which more waves
+    even out). When two waves' chunks would be shorter than :data:`LONG_SPLIT_TILES` tiles (few,
+    short requests), one wave; never shorter than :data:`MIN_SPLIT_TILES` tiles; at most
+    ``max_kv_splits`` per request.
 
     Args:
         kv_lens: ``(B,)`` integer KV length of each request (device tensor).
         kv_heads: programs per request and split: the KV heads, times the tiles of heads per KV
-            group for groups of more than 16 query heads (:func:`blasst_kernels.reference.decode_head_blocks`).
+            group for groups of more than 16 query heads
+            (:func:`blasst_kernels.reference.decode_head_blocks`).
         block_n: keys per tile.
         max_kv_splits: upper bound per request (the size of the partial-result workspaces).
         sms: streaming multiprocessors; default the device's (132 on CPU).

@@ -2,9 +2,10 @@
 
 Same grid, rule and outputs as :mod:`blasst_kernels.triton_decode` (one CTA per request, decode
 tile of at most 16 heads of a KV group, and KV split; those heads are the rows of an ``mma_v2``;
-splits are merged by its ``decode_merge_kernel``). What differs is the memory pipeline, written out by hand because Triton's
-pipeliner gives each paged (indirect) load a single buffer and waits on a kept tile's V right
-after issuing it, so with most V skipped a CTA streamed K at ~70 % of copy bandwidth:
+splits are merged by its ``decode_merge_kernel``). What differs is the memory pipeline, written
+out by hand because Triton's pipeliner gives each paged (indirect) load a single buffer and waits
+on a kept tile's V right after issuing it, so with most V skipped a CTA streamed K at ~70 % of
+copy bandwidth:
 
 - K tiles go through a ring of ``NK`` shared-memory stages with ``cp.async``, ``NK - 1`` ahead.
 - V_j is issued right after tile j's decision (masked off when skipped: no bytes are read) and
@@ -213,10 +214,11 @@ def gluon_decode(
     """Launch the split kernel and the merge; arguments are validated by :mod:`blasst_kernels.api`.
 
     ``q (B, Hq, D)``, ``k_buffer``/``v_buffer (slots, Hkv, D)`` fp16/bf16 with D in
-    :data:`HEAD_DIMS`, rows 16-byte aligned; each KV group's heads in ``tiles_per_group`` decode tiles
-    of ``heads_per_tile <= BLOCK_H`` (:func:`blasst_kernels.reference.decode_head_blocks`); ``scale (Hq,)`` float32 or
-    ``None`` (dense); ``stats (Hq, 2)`` int32 or ``None``; ``part_o``/``part_lse`` float32 workspaces
-    of at least ``(B, Hq, max_splits, D)`` / ``(B, Hq, max_splits)``.
+    :data:`HEAD_DIMS`, rows 16-byte aligned; each KV group's heads in ``tiles_per_group`` decode
+    tiles of ``heads_per_tile <= BLOCK_H`` (:func:`blasst_kernels.reference.decode_head_blocks`);
+    ``scale (Hq,)`` float32 or ``None`` (dense); ``stats (Hq, 2)`` int32 or ``None``;
+    ``part_o``/``part_lse`` float32 workspaces of at least ``(B, Hq, max_splits, D)`` /
+    ``(B, Hq, max_splits)``.
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_buffer.shape[1]
