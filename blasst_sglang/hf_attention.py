@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from blasst_kernels import TileState, default_options, log_lambda, validate_scale_factor
-from blasst_kernels.reference import decode_reference, prefill_reference, prefill_skip_sweep
+from blasst_kernels.reference import decode_reference, decode_tile_of_head, prefill_reference, prefill_skip_sweep
 
 __all__ = ["ATTENTION_NAME", "BlasstSettings", "Recording", "attention_modules", "blasst_attention", "layer_scale_factors"]
 
@@ -95,13 +95,17 @@ class Recording:
 
     Attributes:
         num_layers, num_heads: of the model (query heads).
+        num_kv_heads: of the model; ``None``: as many as a decode map has rows.
         prefill: layer -> one ``(Hq, NQ, T)`` map per prefill call.
-        decode: layer -> one ``(Hkv, T)`` map per decode step.
+        decode: layer -> one ``(G, T)`` map per decode step: a row per decode tile of heads, ``G =
+            Hkv`` unless a KV group has more than 16 query heads
+            (:func:`blasst_kernels.reference.decode_tile_of_head`).
         sweeps: layer -> one ``(S, Hq, NQ, T)`` map per prefill call (``sweep_log_lams`` only).
     """
 
     num_layers: int
     num_heads: int
+    num_kv_heads: Optional[int] = None
     prefill: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
     decode: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
     sweeps: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
@@ -111,7 +115,7 @@ class Recording:
 
         Returns:
             float32 ``(num_layers, num_heads)``; NaN for layers with no recorded call. Decode maps are
-            per KV head: each query head gets its group's value.
+            per decode tile of heads: each query head gets its tile's value.
         """
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
@@ -121,7 +125,9 @@ class Recording:
             skipped = sum(_count(s, TileState.SKIPPED) for s in states)
             visited = skipped + sum(_count(s, TileState.COMPUTED) for s in states)
             ratio = skipped / visited.clamp(min=1)
-            out[layer] = ratio.repeat_interleave(self.num_heads // ratio.numel())
+            if phase == "decode":
+                ratio = ratio[decode_tile_of_head(self.num_heads, self.num_kv_heads or ratio.numel())]
+            out[layer] = ratio
         return out
 
     def sweep_sparsity(self) -> torch.Tensor:
@@ -234,7 +240,7 @@ def _prefill(q, k, v, prefix_len: int, scaling: float, causal: bool, factor, set
 
 
 def _decode(q, k, v, scaling: float, factor, settings: BlasstSettings, record: bool):
-    """One generation step. q ``(Hq, D)``, k/v ``(L, Hkv, D)`` -> (out ``(Hq, Dv)``, ``(Hkv, T)`` map or None)."""
+    """One generation step. q ``(Hq, D)``, k/v ``(L, Hkv, D)`` -> (out ``(Hq, Dv)``, ``(G, T)`` map or None)."""
     if q.device.type == "cuda":
         from blasst_kernels import decode_attention
 
@@ -343,6 +349,7 @@ def blasst_attention(model: torch.nn.Module, settings: BlasstSettings) -> Iterat
         raise ValueError(f"settings must be a BlasstSettings, got {type(settings).__name__}")
     config = model.config.get_text_config()
     num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     attn_modules = attention_modules(model)
     if any(m in _SESSIONS for m in attn_modules):
         raise RuntimeError(f"{type(model).__name__} is already inside blasst_attention(); blocks cannot nest")
@@ -350,7 +357,7 @@ def blasst_attention(model: torch.nn.Module, settings: BlasstSettings) -> Iterat
         settings,
         layer_scale_factors(settings.scale_factor, num_layers, num_heads, "scale_factor"),
         layer_scale_factors(settings.decode_scale_factor, num_layers, num_heads, "decode_scale_factor"),
-        Recording(num_layers, num_heads),
+        Recording(num_layers, num_heads, num_kv_heads),
     )
     _register()
     previous = model.config._attn_implementation

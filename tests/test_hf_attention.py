@@ -153,6 +153,10 @@ def test_recording_sparsity_without_calls():
     assert torch.allclose(sp[1], torch.tensor([0.5, 0.0, 0.0, 1.0]))
     rec.decode[0] = [torch.tensor([[1, 2], [1, 1]], dtype=torch.int8)]
     assert torch.allclose(rec.sparsity("decode")[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    # 20 query heads on one KV head decode as two tiles (16 + 4): one map row each.
+    wide = Recording(num_layers=1, num_heads=20, num_kv_heads=1)
+    wide.decode[0] = [torch.tensor([[2, 2], [1, 1]], dtype=torch.int8)]
+    assert torch.equal(wide.sparsity("decode")[0], torch.tensor([1.0] * 16 + [0.0] * 4))
     with pytest.raises(ValueError, match="phase"):
         rec.sparsity("extend")
     with pytest.raises(ValueError, match="no sweep"):
