@@ -543,7 +543,7 @@ def decode_attention(
             q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
             scale, stats, skip_map,
             sm_scale=sm_scale, skip=scale is not None, heads_per_tile=per_tile, tiles_per_group=tiles_per_group,
-            block_h=max(16, _next_pow2(per_tile)), block_n=opts.block_n,
+            block_n=opts.block_n,
             block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
             num_warps=opts.num_warps, num_stages=opts.num_stages,
         )
@@ -567,7 +567,3 @@ def _gluon_decode_applies(q, k_buffer, v_buffer, opts: KernelOptions, skip_map) 
     # cp.async moves 16 bytes: token rows and head starts 16-byte aligned.
     return all(not (x.stride(0) * x.element_size()) % 16 and not (x.stride(1) * x.element_size()) % 16
                and not x.data_ptr() % 16 for x in (k_buffer, v_buffer))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

@@ -31,13 +31,14 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .gluon_prefill import _log2_lambda
+from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
 
 __all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS"]
 
 BLOCK_N = 64  # keys per tile (the skip granularity)
 HEAD_DIMS = (64, 128)
-BLOCK_H = 16  # rows of the mma_v2 tile: query heads of one decode tile (reference.DECODE_HEADS_PER_TILE)
+BLOCK_H = DECODE_HEADS_PER_TILE  # rows of the mma_v2 tile: the query heads of one decode tile
 
 
 @gluon.jit

@@ -430,6 +430,16 @@ def _decode_row_sets(q, k, num_splits, block_n, compute_dtype):
     return q_rs, row_args, ns, tps, -(-L // block_n)
 
 
+def _decode_row_lams(log_lam: torch.Tensor, num_kv_heads: int, group: int, ns: int) -> torch.Tensor:
+    """``(*lead, Hq)`` ln λ per query head → ``(*lead, G·ns, P)``, one per row of each decode row set
+    in :func:`_decode_row_sets`' order (padding heads: ``-inf``; they are invalid rows there too)."""
+    per, nb = decode_head_blocks(group)
+    lead = log_lam.shape[:-1]
+    rows = _pad_heads(log_lam.reshape(*lead, num_kv_heads, group), per * nb, len(lead) + 1, -math.inf)
+    rows = rows.reshape(*lead, num_kv_heads * nb, 1, per).expand(*lead, num_kv_heads * nb, ns, per)
+    return rows.reshape(*lead, num_kv_heads * nb * ns, per)
+
+
 def _decode_seed(q_rs: torch.Tensor, k: torch.Tensor, row_kv_head: torch.Tensor, ns: int, block_n: int,
                  sm_scale: float) -> torch.Tensor:
     """``(R, P)`` each decode row set's ``seed_max``: the row's max score over tile 0 for splits
@@ -484,8 +494,7 @@ def decode_reference(
     if log_lam is None:
         log_lam = torch.full((Hq,), -math.inf)
     log_lam = torch.as_tensor(log_lam, dtype=compute_dtype, device=dev).expand(Hq)
-    lam_rs = _pad_heads(log_lam.view(Hkv, group), per * nb, 1, -math.inf).view(G, 1, per)
-    lam_rs = lam_rs.expand(G, ns, per).reshape(G * ns, per)
+    lam_rs = _decode_row_lams(log_lam, Hkv, group, ns)
     override = None
     if skip_override is not None:
         padded = torch.zeros(G, ns * tps, dtype=torch.bool, device=dev)
@@ -548,8 +557,7 @@ def decode_skip_sweep(
     G = Hkv * nb
     lams = torch.as_tensor(log_lams, dtype=compute_dtype, device=q.device)
     lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
-    lam_rs = _pad_heads(lams.reshape(-1, Hkv, group), per * nb, 2, -math.inf).view(-1, G, 1, per)
-    lam_rs = lam_rs.expand(-1, G, ns, per).reshape(-1, G * ns, per)
+    lam_rs = _decode_row_lams(lams, Hkv, group, ns)
     k_heads = k.permute(1, 0, 2)
     _, _, _, state, _, tile_lse = _blocked_online_softmax(
         q_rs, k_heads, k_heads, *row_args, lam_rs, sm_scale, None, with_output=False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .reference import DECODE_HEADS_PER_TILE
 from .triton_prefill import _log2_lambda
 
 
@@ -177,7 +178,7 @@ def _v_in_k(k_buffer, v_buffer) -> bool:
 
 def launch_decode(
     q, k_buffer, v_buffer, out, part_o, part_lse, kv_indptr, kv_indices, num_splits, max_splits, scale, stats,
-    skip_map, *, sm_scale, skip, heads_per_tile, tiles_per_group, block_h, block_n, block_d, block_dpe, block_dv,
+    skip_map, *, sm_scale, skip, heads_per_tile, tiles_per_group, block_n, block_d, block_dpe, block_dv,
     num_warps, num_stages,
 ):
     """Launch both decode stages; arguments are validated by :mod:`blasst_kernels.api`."""
@@ -191,7 +192,7 @@ def launch_decode(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         *map_strides,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
+        BLOCK_H=DECODE_HEADS_PER_TILE, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
         SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
         V_IN_K=_v_in_k(k_buffer, v_buffer), num_warps=num_warps, num_stages=num_stages,
     )
