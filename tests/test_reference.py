@@ -48,6 +48,88 @@ def test_skipped_tiles_contribute_nothing(rng):
     assert (r.margin[0][state == TileState.SKIPPED] < 0).all()
 
 
+def _prefill_by_visiting(q, k, v, prefix_len, log_lam, bm, bn):
+    """The prefill rule written out for one row set at a time: diagonal tiles first, then the
+    prefix's and the new tokens' others in key order; the first visited tile and the diagonal
+    ones are never skipped. Returns (out, tile_state (Hq, NQ, T))."""
+    e, hq, d = q.shape
+    group = hq // k.shape[1]
+    starts = torch.cat([torch.arange(0, prefix_len, bn), torch.arange(prefix_len, prefix_len + e, bn)])
+    ends = torch.where(starts < prefix_len, torch.clamp(starts + bn, max=prefix_len), torch.clamp(starts + bn, max=prefix_len + e))
+    nq = -(-e // bm)
+    out = torch.zeros(e, hq, v.shape[2], dtype=q.dtype)
+    state = torch.zeros(hq, nq, len(starts), dtype=torch.int8)
+    for h in range(hq):
+        for b in range(nq):
+            rows = torch.arange(b * bm, min((b + 1) * bm, e))
+            pos = prefix_len + rows
+            diag = [t for t in range(len(starts)) if starts[t] >= prefix_len and starts[t] + bn - 1 > prefix_len + b * bm]
+            order = diag + [t for t in range(len(starts)) if t not in diag]
+            m = torch.full((len(rows),), -math.inf, dtype=q.dtype)
+            num = torch.zeros(len(rows), v.shape[2], dtype=q.dtype)
+            den = torch.zeros(len(rows), dtype=q.dtype)
+            for n, t in enumerate(order):
+                keys = torch.arange(int(starts[t]), int(ends[t]))
+                s = q[rows, h] @ k[keys, h // group].T / math.sqrt(d)
+                s = s.masked_fill(keys[None, :] > pos[:, None], -math.inf)
+                if not (s > -math.inf).any():
+                    continue
+                m_t = s.amax(1)
+                if n > 0 and t not in diag and bool((m_t[m_t > -math.inf] - m[m_t > -math.inf] < log_lam).all()):
+                    state[h, b, t] = TileState.SKIPPED
+                    continue
+                state[h, b, t] = TileState.COMPUTED
+                m_new = torch.maximum(m, m_t)
+                scale = torch.exp(m - m_new).nan_to_num(0.0)
+                p = torch.exp(s - m_new[:, None])
+                num = num * scale[:, None] + p @ v[keys, h // group]
+                den = den * scale + p.sum(1)
+                m = m_new
+            out[rows, h] = num / den[:, None]
+    return out, state
+
+
+@pytest.mark.parametrize("prefix_len,bm,bn", [(0, 16, 16), (37, 16, 16), (20, 32, 16), (45, 16, 32)])
+def test_prefill_visits_diagonal_tiles_first(prefix_len, bm, bn, rng):
+    # The reference (which seeds the decisions with the diagonal tiles' max) against the rule
+    # written out tile by tile in visiting order: same decisions, same output.
+    e, d = 70, 16
+    n = prefix_len + e
+    u = torch.randn(d, dtype=torch.float64, generator=rng)
+    u = u / u.norm()
+    # Scores along one direction, with a strength per run of 32 keys (runs alternate high and low,
+    # plus noise): some tiles matter, some do not.
+    q = 6.0 * u + 0.3 * torch.randn(e, 4, d, dtype=torch.float64, generator=rng)
+    runs = -(-n // 32)
+    strength = 4.0 * (-1.0) ** torch.arange(runs) + 2.0 * torch.randn(runs, dtype=torch.float64, generator=rng)
+    strength = strength.repeat_interleave(32)[:n]
+    k = strength[:, None, None] * u + 0.3 * torch.randn(n, 2, d, dtype=torch.float64, generator=rng)
+    v = torch.randn(n, 2, d, dtype=torch.float64, generator=rng)
+    lam = math.log(0.1)
+    r = prefill_reference(q, k, v, prefix_len=prefix_len, block_m=bm, block_n=bn, log_lam=torch.tensor(lam))
+    out, state = _prefill_by_visiting(q, k, v, prefix_len, lam, bm, bn)
+    assert (state == TileState.SKIPPED).any() and (state == TileState.COMPUTED).any()
+    assert torch.equal(r.tile_state, state)
+    assert torch.allclose(r.out, out, atol=1e-12)
+
+
+def test_prefill_decides_against_the_local_window(rng):
+    # Every row leans on its own position (the diagonal tile): a far tile that beats the sink is
+    # still negligible next to it and is skipped, and so is the sink tile itself.
+    e, d = 64, 16
+    u = torch.randn(d, dtype=torch.float64, generator=rng)
+    u = u / u.norm()
+    q = 4.0 * u.expand(e, 1, d).clone()
+    k = 0.05 * torch.randn(e, 1, d, dtype=torch.float64, generator=rng)
+    k[:16] += 0.5 * u  # sink tile: weak
+    k[16:32] += 1.0 * u  # far tile: above the sink, far below the diagonal (left to right: kept)
+    k[32:48] += 3.0 * u  # near tile: within the threshold of the diagonal
+    k[48:] += 5.0 * u  # the last block's diagonal tile
+    v = torch.randn(e, 1, d, dtype=torch.float64, generator=rng)
+    r = prefill_reference(q, k, v, block_m=16, block_n=16, log_lam=torch.tensor(math.log(0.05)))
+    assert r.tile_state[0, 3].tolist() == [TileState.SKIPPED, TileState.SKIPPED, TileState.COMPUTED, TileState.COMPUTED]
+
+
 def test_decode_group_decides_together(rng):
     # Head 0 leans on the sink, head 1 does not: the group keeps every tile.
     d = 16
