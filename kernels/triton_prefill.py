@@ -1,14 +1,16 @@
 """Triton BLASST prefill/extend kernel over SGLang's paged KV.
 
 One program owns ``BLOCK_M`` new tokens of one query head of one sequence and walks the key tiles
-in three stages, like the causal stages of Triton's fused-attention tutorial:
+in three stages, like the causal stages of Triton's fused-attention tutorial, diagonal first (the
+reference's visiting order):
 
-1. the cached prefix, gathered through ``kv_indices`` (token slots into the paged buffers);
-2. the new tokens' tiles left of the diagonal (fully visible);
-3. the new tokens' diagonal tiles (masked, never skipped).
+1. the new tokens' diagonal tiles (masked, never skipped);
+2. the cached prefix, gathered through ``kv_indices`` (token slots into the paged buffers);
+3. the new tokens' tiles left of the diagonal (fully visible).
 
-Stages 1 and 2 may skip a tile (``SKIP`` constexpr): after ``S = QKᵀ``, when every valid row's tile
-max is ``< running max + log2 λ`` the tile's softmax update, V load and P·V are not done.
+Stages 2 and 3 may skip a tile (``SKIP`` constexpr): after ``S = QKᵀ``, when every valid row's tile
+max is ``< running max + log2 λ`` the tile's softmax update, V load and P·V are not done; the
+running max already holds the diagonal tiles', so the first tile is skippable too.
 ``SKIP=False`` compiles the dense kernel from the same source.
 
 Stages 2 and 3 (the new tokens, most of the work) read K and V through TMA tensor descriptors when
@@ -156,28 +158,13 @@ def extend_fwd_kernel(
         map_row = map_ptr + seq * stride_map_b + head * stride_map_h + pid_m * stride_map_m
     n_prefix_tiles = tl.cdiv(prefix_len, BLOCK_N)
 
-    # Stage 1: the cached prefix, through the paged buffers (compiled out when no sequence has one).
-    if HAS_PREFIX:
-        acc, l_i, m_i, n_skip = _attn_tiles(
-            acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
-            K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
-            k_desc, v_desc, 0, 0,
-            0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP, False,
-        )
-    # Stage 2: new tokens in whole tiles left of the block's first row (all of them when not causal).
+    # The new tokens' segment; tiles [0, off_hi) lie wholly left of the block's first row (all of
+    # them when not causal), [off_hi, diag_hi) overlap its diagonal.
     K_seg = K_ext + q_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     V_seg = V_ext + q_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     off_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N if CAUSAL else ext_len
-    acc, l_i, m_i, n_skip = _attn_tiles(
-        acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
-        K_seg, V_seg, stride_kt, stride_vt, kv_indices,
-        k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
-        0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA,
-    )
-    # Stage 3: the diagonal tiles up to the block's last row, masked and never skipped.
     diag_hi = off_hi
+    # Stage 1: the diagonal tiles up to the block's last row, masked and never skipped.
     if CAUSAL:
         diag_hi = tl.minimum((pid_m + 1) * BLOCK_M, ext_len)
         acc, l_i, m_i, n_skip = _attn_tiles(
@@ -188,6 +175,23 @@ def extend_fwd_kernel(
             map_row, n_prefix_tiles + off_hi // BLOCK_N, qk_scale,
             BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, True, False, RECORD_MAP, TMA,
         )
+    # Stage 2: the cached prefix, through the paged buffers (compiled out when no sequence has one).
+    if HAS_PREFIX:
+        acc, l_i, m_i, n_skip = _attn_tiles(
+            acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+            K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
+            k_desc, v_desc, 0, 0,
+            0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP, False,
+        )
+    # Stage 3: new tokens in whole tiles left of the block's first row.
+    acc, l_i, m_i, n_skip = _attn_tiles(
+        acc, l_i, m_i, n_skip, q, q_pe, log2_lam, row_ok, row_pos,
+        K_seg, V_seg, stride_kt, stride_vt, kv_indices,
+        k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
+        0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA,
+    )
 
     out = acc / l_i[:, None]
     offs_dv = tl.arange(0, BLOCK_DV)

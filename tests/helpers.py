@@ -23,10 +23,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def peaked(n: int, heads: int, dim: int, gen: torch.Generator, dtype, sink_dirs: torch.Tensor, sink_mask: torch.Tensor, strength: torch.Tensor):
-    """``(n, heads, dim)`` random rows; rows where ``sink_mask`` is set are ``strength · sink_dir``."""
+    """``(n, heads, dim)`` random rows; rows where ``sink_mask`` is set are ``strength · sink_dir``
+    (``strength``: ``(heads,)``, or ``(n, heads)`` per row)."""
     x = torch.randn(n, heads, dim, generator=gen)
-    sinks = strength[None, :, None] * sink_dirs[None] * math.sqrt(dim)
-    x = torch.where(sink_mask[:, None, None], sinks.expand(n, heads, dim), x)
+    sinks = strength.expand(n, heads)[:, :, None] * sink_dirs[None] * math.sqrt(dim)
+    x = torch.where(sink_mask[:, None, None], sinks, x)
     return x.to(dtype)
 
 
@@ -68,12 +69,15 @@ def page_slots(lens: List[int], page_size: int, gen: torch.Generator, spare_page
     return out
 
 
-def make_batch(prefix_lens, extend_lens, hq, hkv, dk, dv, page_size, dtype, gen, sink_every: int = 23, lean_per_kv_head: bool = False) -> PagedBatch:
+def make_batch(prefix_lens, extend_lens, hq, hkv, dk, dv, page_size, dtype, gen, sink_every: int = 23, lean_per_kv_head: bool = False,
+               sink_growth: float = 0.0) -> PagedBatch:
     """Peaked attention: each KV head has a sink direction; q leans on it with a head-dependent weight.
 
     Sinks (keys equal to ``strength · dir``) sit at position 0 and every ``sink_every`` positions,
     so tiles without a sink are negligible for strongly leaning heads and not for weak ones.
     ``lean_per_kv_head`` gives all heads of a KV group one weight (decode decides per group).
+    ``sink_growth`` makes later sinks stronger (strength times ``1 + sink_growth · pos / len``): the
+    running max then depends on the order tiles are visited in, as with a local window.
     """
     group = hq // hkv
     dirs = torch.nn.functional.normalize(torch.randn(hkv, dk, generator=gen), dim=-1)
@@ -89,7 +93,8 @@ def make_batch(prefix_lens, extend_lens, hq, hkv, dk, dv, page_size, dtype, gen,
     for p, e, slots in zip(prefix_lens, extend_lens, slot_lists):
         pos = torch.arange(p + e)
         sink = (pos % sink_every) == 0
-        kk = peaked(p + e, hkv, dk, gen, dtype, dirs, sink, strength)
+        grow = 1.0 + sink_growth * pos[:, None].float() / max(p + e - 1, 1)
+        kk = peaked(p + e, hkv, dk, gen, dtype, dirs, sink, strength[None, :] * grow)
         q = torch.randn(e, hq, dk, generator=gen) * 0.5
         q = q + lean[None, :, None] * dirs.repeat_interleave(group, 0)[None] * math.sqrt(dk)
         qs.append(q.to(dtype))

@@ -50,7 +50,7 @@ def test_extend_matches_reference(dk, dv, group, rng):
     prefix = [random.randint(0, 70) for _ in range(2)] + [0]
     ext = [random.randint(1, 70) for _ in range(3)]
     opts = KernelOptions(32, 16)
-    batch = make_batch(prefix, ext, hq, hkv, dk, dv, page_size, dtype, rng)
+    batch = make_batch(prefix, ext, hq, hkv, dk, dv, page_size, dtype, rng, sink_growth=0.5)
     # SGLang hands over int64 index pointers: every kernel address (TMA rows included) must take them.
     index_dtype = random.choice([torch.int32, torch.int64])
     batch = replace(batch, qo_indptr=batch.qo_indptr.to(index_dtype), kv_indptr=batch.kv_indptr.to(index_dtype))
@@ -63,14 +63,14 @@ def test_extend_tiles_taller_than_wide(dk, dv, rng):
     before its first row, and the tile left of it must not see keys past that row."""
     prefix = [random.randint(0, 70), 0, random.randint(1, 40)]
     ext = [random.randint(33, 90), random.randint(1, 90), 64]
-    batch = make_batch(prefix, ext, 8, 2, dk, dv, 16, torch.float32, rng)
+    batch = make_batch(prefix, ext, 8, 2, dk, dv, 16, torch.float32, rng, sink_growth=0.5)
     check_extend(batch, 8, 0.5, KernelOptions(16, 32))
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (64, 32)])
 def test_extend_blocks_and_causality(causal, blocks, rng):
-    batch = make_batch([45, 0, 131], [77, 33, 1], 8, 2, 64, 64, 16, torch.float32, rng)
+    batch = make_batch([45, 0, 131], [77, 33, 1], 8, 2, 64, 64, 16, torch.float32, rng, sink_growth=0.5)
     sparsity = check_extend(batch, 8, 2.0, KernelOptions(*blocks), causal=causal)
     assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
 
