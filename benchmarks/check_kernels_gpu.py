@@ -59,7 +59,7 @@ def check_extend(dk, dv, group, dtype, gen):
     hkv = 1 if dk >= 192 and dv != dk else 2
     hq = hkv * group
     prefix, ext = [random.randint(0, 700), 0, 333], [random.randint(1, 600), 257, 1]
-    batch = to_cuda(make_batch(prefix, ext, hq, hkv, dk, dv, 16, dtype, gen, sink_every=97))
+    batch = to_cuda(make_batch(prefix, ext, hq, hkv, dk, dv, 16, dtype, gen, sink_every=97, sink_growth=0.5))
     factor = 50.0
     out = torch.full((batch.q.shape[0], hq, dv), float("nan"), dtype=dtype, device="cuda")
     out, kmap = extend_attention(batch.q, batch.k, batch.v, batch.k_buffer, batch.v_buffer, batch.qo_indptr,
@@ -113,7 +113,7 @@ def check_counters(dk, dv, group, dtype, gen, with_prefix, expected_sparsity=Non
     hq = hkv * group
     lens = [random.randint(1, 900), 1000, 77, 129, 33]  # 33 + prefix < factor: λ >= 1, that sequence is dense
     prefix = [random.randint(1, 700), 0, 300, 128, 0] if with_prefix else [0] * len(lens)
-    batch = to_cuda(make_batch(prefix, lens, hq, hkv, dk, dv, 16, dtype, gen, sink_every=300))
+    batch = to_cuda(make_batch(prefix, lens, hq, hkv, dk, dv, 16, dtype, gen, sink_every=300, sink_growth=0.5))
     # As SGLang passes them: views into one fused qkv tensor (token stride (Hq + 2 Hkv) * D).
     fused = torch.cat([batch.q, batch.k, batch.v], dim=1)
     q, k, v = fused[:, :hq], fused[:, hq : hq + hkv], fused[:, hq + hkv :]

@@ -3,24 +3,29 @@
 One CTA owns 128 query rows of one query head of one sequence, split in two 64-row halves, each
 owned by its own consumer warpgroup; a one-warp producer streams K and V tiles with TMA:
 
-- producer (worker, 1 warp, few registers): Q of both halves, then K and V tiles
-  ``[j * BLOCK_N, (j + 1) * BLOCK_N)`` into a ``NUM_STAGES`` ring. ``ready_k[s]``/``ready_v[s]``
+- producer (worker, 1 warp, few registers): Q of both halves, then K and V tiles of 128 keys into
+  a ``NUM_STAGES`` ring, in skip mode in the reference's visiting order: ring tile 0 is the CTA's
+  last tile (the diagonal tile of both halves), ring tile ``i > 0`` is tile ``i − 1`` (the cached
+  prefix's tiles, then the new tokens'; see :func:`_ring_tile`). Dense mode, whose result does not
+  depend on the order, keeps key order (measured faster). ``ready_k[s]``/``ready_v[s]``
   complete on the TMA bytes; each consumer releases a stage through its own ``empty`` barriers.
 - consumer 0 (default partition, 4 warps: rows 0-63) and consumer 1 (worker, 4 warps: rows 64-127):
   ``S = Q Kᵀ`` (wgmma, operands in shared memory), the BLASST decision, online softmax, and
   ``acc += P V`` (wgmma, P from registers). Each warpgroup decides for its own 64 rows, so the
   "does any row matter" reduction spans 4 warps (a named barrier of 128 threads), never the CTA.
 
-Skip rule (as :func:`blasst_kernels.reference.prefill_reference` with ``block_m=64``): on tiles
-left of the half's diagonal (tile end ``<=`` the half's first row), after ``S`` the tile is skipped
-when every valid row has ``m̃ − m < log2 λ`` (log2 domain: scores times ``sm_scale / ln 2``); a
-skipped tile changes nothing. Diagonal tiles (masked causally and at the sequence end) are never
-skipped. ``λ = scale[h] / L`` per sequence; ``log2 λ = -inf`` (dense) unless ``0 < λ < 1``.
+Skip rule (as :func:`blasst_kernels.reference.prefill_reference` with ``block_m=64,
+block_n=128``): the diagonal tile (masked causally and at the sequence end) comes first and is never
+skipped; on every later tile, after ``S`` the tile is skipped when every valid row has
+``m̃ − m < log2 λ`` (log2 domain: scores times ``sm_scale / ln 2``), ``m`` holding the diagonal's
+max already; a skipped tile changes nothing. ``λ = scale[h] / L`` per sequence; ``log2 λ = -inf``
+(dense) unless ``0 < λ < 1``.
 
 Rows of ``k``/``v`` past a sequence's end that a tile reads are the next sequence's tokens, or
 TMA zero fill past the tensor end. Rows of ``v`` past ``qo_indptr[-1]`` (padding a caller may
 leave uninitialised) would meet ``p = 0`` in ``P·V`` (``0·NaN = NaN``): with ``ZERO_TAIL_V``
-the consumers zero the rows past the sequence end of the tile that holds the sequence's last key.
+the consumers zero the rows past the sequence end of the tile that holds the sequence's last key
+(a diagonal tile).
 
 :func:`blasst_kernels.extend_attention` runs this kernel where it applies (see
 :class:`blasst_kernels.KernelOptions`); every switch is checked against the reference and timed on
@@ -60,8 +65,20 @@ def _log2_lambda(scale_ptr, head, seq_len):
 
 
 @gluon.jit
+def _ring_tile(i, last, DIAG_FIRST: gl.constexpr):
+    """The key tile ring tile ``i`` holds. ``DIAG_FIRST`` (skip mode: the reference's visiting
+    order): the CTA's ``last`` tile first (the one diagonal tile of both 64-row halves, as
+    ``BLOCK_N == CTA_M``), then tiles ``0, 1, ..., last - 1`` (cached-prefix tiles first, then the
+    new tokens'); else key order."""
+    t = i
+    if DIAG_FIRST:
+        t = gl.where(i == 0, last, i - 1)
+    return t
+
+
+@gluon.jit
 def _load_tile(desc, pre_desc, i, n_pre, q_start, kv_start, kv_col, bar, dst, BLOCK_N: gl.constexpr):
-    """TMA of ring tile ``i`` (K or V): a cached-prefix tile while ``i < n_pre``, else a new-token tile."""
+    """TMA of key tile ``i`` (K or V): a cached-prefix tile while ``i < n_pre``, else a new-token tile."""
     if i < n_pre:
         tma.async_copy_global_to_shared(pre_desc, [kv_start + i * BLOCK_N, kv_col], bar, dst)
     else:
@@ -72,14 +89,14 @@ def _load_tile(desc, pre_desc, i, n_pre, q_start, kv_start, kv_col, bar, dst, BL
 def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v,
               empty_k0, empty_v0, empty_k1, empty_v1, vote_smem, q_start, seq_len, kv_start, pre_len, pid_m, head,
               kv_group, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
-              V_EARLY: gl.constexpr, KV_BAR: gl.constexpr, LAZY: gl.constexpr):
+              V_EARLY: gl.constexpr, KV_BAR: gl.constexpr, LAZY: gl.constexpr, DIAG_FIRST: gl.constexpr):
     """One warp: Q of both halves, then the K and V tiles through the two rings.
 
-    Order: K_0, (K_1, V_0), (K_2, V_1), ... by default (with OVERLAP the consumers need
-    ``Q K_{j+1}ᵀ`` before ``P_j V_j``); with ``V_EARLY`` K_0, V_0, K_1, V_1, ... (V_j has landed by
-    the time a consumer skips tile j and releases it); with ``V_EARLY`` the ``cdiv(pre_len,
-    BLOCK_N)`` tiles of a cached prefix (``kp_desc``/``vp_desc`` rows from ``kv_start``) come
-    first, then the new tokens' tiles. With ``KV_BAR`` one ``empty`` barrier per
+    Ring tiles in visiting order (:func:`_ring_tile`). Order: K_0, (K_1, V_0), (K_2, V_1), ... by
+    default (with OVERLAP the consumers need ``Q K_{j+1}ᵀ`` before ``P_j V_j``); with ``V_EARLY``
+    K_0, V_0, K_1, V_1, ... (V_j has landed by the time a consumer skips tile j and releases it);
+    with ``V_EARLY`` the ``cdiv(pre_len, BLOCK_N)`` tiles of a cached prefix (``kp_desc``/``vp_desc``
+    rows from ``kv_start``) come after the diagonal tile, then the new tokens' other tiles. With ``KV_BAR`` one ``empty`` barrier per
     consumer and stage covers K and V together (``empty_k*``; ``empty_v*`` unused).
 
     With ``LAZY`` (skip mode) V_j is loaded only if a consumer keeps tile j. Each consumer posts its
@@ -87,8 +104,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     K_j, so the release of K_j is also "decided". Order: K_i, then tile i-1's decisions are read and
     V_{i-1}, if deferred, is loaded (or, when both skipped it, ``ready_v`` is completed with no
     bytes); ``LAZY == 2`` predicts: after a kept tile V_i is issued at once (skipped tiles come in
-    runs), ``LAZY == 1`` defers every V. Either way the V of a tile that is never skipped (a
-    diagonal tile of either half) is issued at once: deferring it would only add its latency.
+    runs), ``LAZY == 1`` defers every V. Either way the V of the tile that is never skipped (the
+    diagonal, ring tile 0 in skip mode) is issued at once: deferring it would only add its latency.
 
     Protocol invariant: each consumer has its own ``empty`` barriers (count 1, one arrival per
     use of a stage) and releases a stage only after waiting for that use's ``ready`` barriers,
@@ -102,10 +119,11 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     kv_col = (head // kv_group) * HEAD_D
     n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1
     n_pre = (pre_len + BLOCK_N - 1) // BLOCK_N
+    last = n_pre + n_tiles - 1  # the diagonal tile
+    diag_ring = 0 if DIAG_FIRST else last
     if LAZY:
         words: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
         v_sent = gl.to_tensor(False)  # V of tile i-1 already issued (predicted kept)
-        diag_lo = n_pre + (pid_m * (2 * HALF) + 1) // BLOCK_N  # first tile on the lower half's diagonal
         for i in range(n_pre + n_tiles + 1):
             s = i % NUM_STAGES
             ph = (i // NUM_STAGES) & 1
@@ -113,8 +131,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                 mbarrier.wait(empty_k0.index(s), ph ^ 1)
                 mbarrier.wait(empty_k1.index(s), ph ^ 1)
                 mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-                _load_tile(k_desc, kp_desc, i, n_pre, q_start, kv_start, kv_col, ready_k.index(s), k_smem.index(s),
-                           BLOCK_N)
+                _load_tile(k_desc, kp_desc, _ring_tile(i, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col, ready_k.index(s),
+                           k_smem.index(s), BLOCK_N)
             keep_prev = i >= 0  # V_0 is predicted kept
             if i > 0:
                 j = i - 1
@@ -129,19 +147,19 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                     mbarrier.wait(empty_v1.index(sj), phj ^ 1)
                     if keep_prev:
                         mbarrier.expect(ready_v.index(sj), v_desc.block_type.nbytes)
-                        _load_tile(v_desc, vp_desc, j, n_pre, q_start, kv_start, kv_col, ready_v.index(sj),
-                                   v_smem.index(sj), BLOCK_N)
+                        _load_tile(v_desc, vp_desc, _ring_tile(j, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col,
+                                   ready_v.index(sj), v_smem.index(sj), BLOCK_N)
                     else:  # nobody reads V_j: complete its phase with no bytes
                         mbarrier.arrive(ready_v.index(sj))
             v_sent = gl.to_tensor(False)
             if LAZY != 2:
                 keep_prev = i < 0  # no prediction
             if i < n_pre + n_tiles:
-                if keep_prev or i >= diag_lo:
+                if keep_prev or i == diag_ring:
                     mbarrier.wait(empty_v0.index(s), ph ^ 1)
                     mbarrier.wait(empty_v1.index(s), ph ^ 1)
                     mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-                    _load_tile(v_desc, vp_desc, i, n_pre, q_start, kv_start, kv_col, ready_v.index(s),
+                    _load_tile(v_desc, vp_desc, _ring_tile(i, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col, ready_v.index(s),
                                v_smem.index(s), BLOCK_N)
                     v_sent = gl.to_tensor(True)
     elif V_EARLY:
@@ -150,13 +168,14 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
             ph = (i // NUM_STAGES) & 1
             mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
             mbarrier.wait(empty_k1.index(s), ph ^ 1)
+            t = _ring_tile(i, last, DIAG_FIRST)
             mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-            _load_tile(k_desc, kp_desc, i, n_pre, q_start, kv_start, kv_col, ready_k.index(s), k_smem.index(s), BLOCK_N)
+            _load_tile(k_desc, kp_desc, t, n_pre, q_start, kv_start, kv_col, ready_k.index(s), k_smem.index(s), BLOCK_N)
             if not KV_BAR:
                 mbarrier.wait(empty_v0.index(s), ph ^ 1)
                 mbarrier.wait(empty_v1.index(s), ph ^ 1)
             mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-            _load_tile(v_desc, vp_desc, i, n_pre, q_start, kv_start, kv_col, ready_v.index(s), v_smem.index(s), BLOCK_N)
+            _load_tile(v_desc, vp_desc, t, n_pre, q_start, kv_start, kv_col, ready_v.index(s), v_smem.index(s), BLOCK_N)
     else:
         for i in range(n_tiles + 1):
             if i < n_tiles:  # K_i
@@ -165,8 +184,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                 mbarrier.wait(empty_k0.index(s), ph ^ 1)  # the ring starts empty: first pass waits on phase "-1"
                 mbarrier.wait(empty_k1.index(s), ph ^ 1)
                 mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [q_start + i * BLOCK_N, kv_col], ready_k.index(s),
-                                                k_smem.index(s))
+                tma.async_copy_global_to_shared(k_desc, [q_start + _ring_tile(i, last, DIAG_FIRST) * BLOCK_N, kv_col],
+                                                ready_k.index(s), k_smem.index(s))
             if i > 0:  # V_{i-1}
                 j = i - 1
                 s = j % NUM_STAGES
@@ -175,8 +194,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                     mbarrier.wait(empty_v0.index(s), ph ^ 1)
                     mbarrier.wait(empty_v1.index(s), ph ^ 1)
                 mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_col], ready_v.index(s),
-                                                v_smem.index(s))
+                tma.async_copy_global_to_shared(v_desc, [q_start + _ring_tile(j, last, DIAG_FIRST) * BLOCK_N, kv_col],
+                                                ready_v.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -324,13 +343,14 @@ def _softmax_step(qk, m_i, l_i, p_skip, rows, row_ok, k_start, key_len, log2_lam
 
 @gluon.jit
 def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k, empty_v, vote_buf,
-           lo, hi, r0, seq_len, log2_lam, qk_scale,
+           lo, hi, g0, r0, seq_len, log2_lam, qk_scale,
            s_layout: gl.constexpr, o_layout: gl.constexpr,
            BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
            DIAGONAL: gl.constexpr, SKIP: gl.constexpr, ZERO_TAIL_V: gl.constexpr,
            KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr):
-    """Key tiles ``[lo, hi)`` of one consumer (64 rows from sequence row ``r0``), no overlap:
-    S = QKᵀ, softmax, P·V in order, each wgmma waited at once. With ``KV_BAR`` the stage (K and V)
+    """Ring tiles ``[lo, hi)`` of one consumer (64 rows from sequence row ``r0``; ring tile ``j``
+    holds keys ``[(j - g0) * BLOCK_N, ...)``), no overlap: S = QKᵀ, softmax, P·V in order, each
+    wgmma waited at once. With ``KV_BAR`` the stage (K and V)
     is released by one arrive on ``empty_k`` after both of its ready barriers were waited."""
     HALF: gl.constexpr = acc.shape[0]
     HEAD_D: gl.constexpr = acc.shape[1]
@@ -343,7 +363,7 @@ def _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empt
     for j in range(lo, hi):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
-        k_start = j * BLOCK_N
+        k_start = (j - g0) * BLOCK_N
         mbarrier.wait(ready_k.index(s), ph)
         qk = warpgroup_mma(q_tile, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=[qk])
@@ -385,17 +405,21 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem,
                    s_layout: gl.constexpr, o_layout: gl.constexpr,
                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                    DIAGONAL: gl.constexpr, SKIP: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr,
-                   g0, key_len, TAIL: gl.constexpr, HALF_IDX: gl.constexpr, LAZY: gl.constexpr):
+                   g0, key_len, TAIL: gl.constexpr, HALF_IDX: gl.constexpr, LAZY: gl.constexpr,
+                   ZERO_TAIL_V: gl.constexpr):
     """Ring tiles ``[lo, hi)`` of one key segment (ring index ``j`` holds the segment's keys
     ``[(j - g0) * BLOCK_N, ...)``, ``key_len`` of them) with FA3's intra-warpgroup overlap: ``S_j = Q K_jᵀ`` is issued, then
     the pending ``P_prev V_prev`` (tile ``j_prev``, if any kept tile is pending), and tile j's
     softmax runs while that P·V is in flight. A kept tile becomes the pending one; a skipped tile
-    releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`).
+    releases its V stage at once. The caller issues the last pending P·V (:func:`_flush`). With
+    ``ZERO_TAIL_V`` (diagonal first, where the next tile's iteration issues its P·V) a diagonal tile
+    that holds the sequence's end has its V tail zeroed before it becomes the pending one.
 
     ``LAZY`` (see :func:`_producer`): the vote words are per stage, K_j is released when the
     decision is published, and a skipped tile's V stage is released one iteration later (``j_rel``,
     once the producer has resolved it: waiting at once would wait for the other warpgroup's vote)."""
     HALF: gl.constexpr = acc.shape[0]
+    HEAD_D: gl.constexpr = acc.shape[1]
     rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     row_ok = rows < seq_len
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
@@ -445,6 +469,11 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem,
             l_i = l_new
             p_prev = p_new
             j_prev = j
+            if DIAGONAL:
+                if ZERO_TAIL_V:
+                    if k_start + BLOCK_N > key_len:
+                        mbarrier.wait(ready_v.index(s), ph)
+                        _zero_v_tail(v_smem.index(s), key_len - k_start, BLOCK_N, HEAD_D)
         else:
             n_skip += 1
             j_prev = -1
@@ -459,8 +488,9 @@ def _tiles_overlap(acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem,
 @gluon.jit
 def _flush(acc, p_prev, j_prev, g0, v_smem, ready_v, empty_v, seq_len,
            BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, ZERO_TAIL_V: gl.constexpr):
-    """Issue and wait the pending P·V of :func:`_tiles_overlap` (the sequence's last tile may be it;
-    ring index ``g0`` holds the first new-token tile)."""
+    """Issue and wait the pending P·V of :func:`_tiles_overlap`. ``ZERO_TAIL_V`` (key order, where
+    the pending tile may be the diagonal one): zero its V tail first when it holds the sequence's
+    end (ring tile ``j`` holds new-token keys ``[(j - g0) * BLOCK_N, ...)``)."""
     HEAD_D: gl.constexpr = acc.shape[1]
     if j_prev >= 0:
         sp = j_prev % NUM_STAGES
@@ -481,7 +511,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
               q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
               HALF_IDX: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
               SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
-              KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr, LAZY: gl.constexpr):
+              KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr, LAZY: gl.constexpr,
+              DIAG_FIRST: gl.constexpr):
     """One warpgroup: 64 query rows, their own skip decisions, their own output rows."""
     HALF: gl.constexpr = q_smem.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -494,9 +525,17 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
     n_tiles = (gl.minimum(seq_len, (pid_m + 1) * (2 * HALF)) - 1) // BLOCK_N + 1  # tiles the producer loads
     n_vis = gl.where(last_row >= r0, last_row // BLOCK_N + 1, 0)
     n_full = gl.minimum((r0 + 1) // BLOCK_N, n_vis)  # tiles wholly left of the half's diagonal
-    # Cached prefix (OVERLAP only): ring tiles [0, n_pre) come before the new tokens' (whole tiles
-    # first, then the partial one); a half with no row visits none of them.
+    n_diag = n_vis - n_full  # 1, or 0 when the half has no row
+    # Ring order (_ring_tile): the cached prefix (OVERLAP only: whole tiles, then the partial one),
+    # then the new tokens' whole tiles, with the diagonal tile [d_lo, d_lo + n_diag) first
+    # (DIAG_FIRST) or last; a half with no row visits none of them.
     n_pre = (pre_len + BLOCK_N - 1) // BLOCK_N
+    d_lo = 0 if DIAG_FIRST else n_pre + n_full
+    p_lo = n_diag if DIAG_FIRST else 0  # ring tile of the first prefix tile
+    # The diagonal tile's V tail is zeroed before its P·V: at once when it comes first, in _flush
+    # when it comes last (where it is the pending P·V).
+    ZERO_DIAG: gl.constexpr = ZERO_TAIL_V and DIAG_FIRST
+    ZERO_FLUSH: gl.constexpr = ZERO_TAIL_V and not DIAG_FIRST
     has_rows = last_row >= r0
     pre_hi = gl.where(has_rows, n_pre, 0)
     pre_full = gl.minimum(pre_len // BLOCK_N, pre_hi)
@@ -518,36 +557,51 @@ def _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v
         p_prev = gl.zeros([HALF, BLOCK_N], v_smem.dtype, p_layout)
         j_prev = -1
         j_rel = -1
+        if DIAG_FIRST:
+            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
+                acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                empty_v, vote_smem, d_lo, d_lo + n_diag, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+                NUM_STAGES, True, SKIP, VOTE, SPEC, d_lo - n_full, seq_len, False, HALF_IDX, LAZY, ZERO_DIAG)
         acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-            empty_v, vote_smem, 0, pre_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, False,
-            SKIP, VOTE, SPEC, 0, pre_len, False, HALF_IDX, LAZY)
+            empty_v, vote_smem, p_lo, p_lo + pre_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+            NUM_STAGES, False, SKIP, VOTE, SPEC, p_lo, pre_len, False, HALF_IDX, LAZY, False)
         acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-            empty_v, vote_smem, pre_full, pre_hi, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES,
-            False, SKIP, VOTE, SPEC, 0, pre_len, True, HALF_IDX, LAZY)
+            empty_v, vote_smem, p_lo + pre_full, p_lo + pre_hi, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout,
+            BLOCK_N, NUM_STAGES, False, SKIP, VOTE, SPEC, p_lo, pre_len, True, HALF_IDX, LAZY, False)
         acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
             acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-            empty_v, vote_smem, n_pre, n_pre + n_full, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
-            NUM_STAGES, False, SKIP, VOTE, SPEC, n_pre, seq_len, False, HALF_IDX, LAZY)
-        acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
-            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-            empty_v, vote_smem, n_pre + n_full, n_pre + n_vis, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
-            NUM_STAGES, True, SKIP, VOTE, SPEC, n_pre, seq_len, False, HALF_IDX, LAZY)
-        acc = _flush(acc, p_prev, j_prev, n_pre, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES, ZERO_TAIL_V)
+            empty_v, vote_smem, p_lo + n_pre, p_lo + n_pre + n_full, r0, seq_len, log2_lam, qk_scale, s_layout,
+            o_layout, BLOCK_N, NUM_STAGES, False, SKIP, VOTE, SPEC, p_lo + n_pre, seq_len, False, HALF_IDX, LAZY,
+            False)
+        if not DIAG_FIRST:
+            acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel = _tiles_overlap(
+                acc, l_i, m_i, n_skip, p_prev, j_prev, j_rel, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                empty_v, vote_smem, d_lo, d_lo + n_diag, r0, seq_len, log2_lam, qk_scale, s_layout, o_layout, BLOCK_N,
+                NUM_STAGES, True, SKIP, VOTE, SPEC, d_lo - n_full, seq_len, False, HALF_IDX, LAZY, ZERO_DIAG)
+        acc = _flush(acc, p_prev, j_prev, d_lo - n_full, v_smem, ready_v, empty_v, seq_len, BLOCK_N, NUM_STAGES,
+                     ZERO_FLUSH)
         if LAZY:
             if j_rel >= 0:
                 sr = j_rel % NUM_STAGES
                 mbarrier.wait(ready_v.index(sr), (j_rel // NUM_STAGES) & 1)
                 mbarrier.arrive(empty_v.index(sr))
     else:
+        if DIAG_FIRST:
+            acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                                           empty_v, vote_buf, d_lo, d_lo + n_diag, d_lo - n_full, r0, seq_len, log2_lam,
+                                           qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V,
+                                           KV_BAR, VOTE, SPEC)
         acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-                                       empty_v, vote_buf, 0, n_full, r0, seq_len, log2_lam, qk_scale, s_layout,
-                                       o_layout, BLOCK_N, NUM_STAGES, False, SKIP, ZERO_TAIL_V, KV_BAR, VOTE, SPEC)
-        acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
-                                       empty_v, vote_buf, n_full, n_vis, r0, seq_len, log2_lam, qk_scale, s_layout,
-                                       o_layout, BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V, KV_BAR, VOTE, SPEC)
-    # Tiles only the other half sees (BLOCK_N = 64, or this half has no row): release them.
+                                       empty_v, vote_buf, p_lo, p_lo + n_full, p_lo, r0, seq_len, log2_lam, qk_scale,
+                                       s_layout, o_layout, BLOCK_N, NUM_STAGES, False, SKIP, ZERO_TAIL_V, KV_BAR, VOTE, SPEC)
+        if not DIAG_FIRST:
+            acc, l_i, m_i, n_skip = _tiles(acc, l_i, m_i, n_skip, q_tile, k_smem, v_smem, ready_k, ready_v, empty_k,
+                                           empty_v, vote_buf, d_lo, d_lo + n_diag, d_lo - n_full, r0, seq_len, log2_lam,
+                                           qk_scale, s_layout, o_layout, BLOCK_N, NUM_STAGES, True, SKIP, ZERO_TAIL_V,
+                                           KV_BAR, VOTE, SPEC)
+    # Tiles this half does not see (it has no row): release them.
     for j in range(done, n_pre + n_tiles):
         s = j % NUM_STAGES
         ph = (j // NUM_STAGES) & 1
@@ -580,10 +634,11 @@ def _consumer1(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_
                q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
                SKIP: gl.constexpr, COUNT: gl.constexpr, ZERO_TAIL_V: gl.constexpr, OVERLAP: gl.constexpr,
-               KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr, LAZY: gl.constexpr):
+               KV_BAR: gl.constexpr, VOTE: gl.constexpr, SPEC: gl.constexpr, LAZY: gl.constexpr,
+               DIAG_FIRST: gl.constexpr):
     _consumer(q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k, empty_v, vote_smem, out_ptr, scale_ptr,
               stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot, stride_oh,
-              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR, VOTE, SPEC, LAZY)
+              1, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR, VOTE, SPEC, LAZY, DIAG_FIRST)
 
 
 @gluon.jit
@@ -624,6 +679,9 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_i
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     gl.static_assert(not LAZY_V or (OVERLAP and VOTE == 1), "lazy V loads need OVERLAP and VOTE = 1")
     LAZY: gl.constexpr = LAZY_V if SKIP else 0  # dense mode keeps every tile: nothing to decide
+    # Skip mode visits the diagonal tile first (the reference's order); dense mode's result does not
+    # depend on the order, and key order ran it 7-12 % faster (H100, v11: visit_order_ab.py).
+    DIAG_FIRST: gl.constexpr = SKIP
     gl.static_assert(not HAS_PREFIX or (OVERLAP and V_EARLY), "a cached prefix needs OVERLAP and V_EARLY")
     # The overlap loop releases K (after S = QKᵀ) and V (after P·V) at different times.
     KV_BAR_: gl.constexpr = KV_BAR and not OVERLAP
@@ -674,14 +732,14 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, kp_desc, vp_desc, out_ptr, qo_i
             (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k0, empty_v0, vote_smem,
                          out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale, stride_ot,
                          stride_oh, 0, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE, SPEC,
-                         LAZY)),
+                         LAZY, DIAG_FIRST)),
             (_consumer1, (q_smem, k_smem, v_smem, q_bars, ready_k, ready_v, empty_k1, empty_v1, vote_smem,
                           out_ptr, scale_ptr, stats_ptr, q_start, seq_len, pre_len, pid_m, head, sm_scale,
                           stride_ot, stride_oh, BLOCK_N, HEAD_D, NUM_STAGES, SKIP, COUNT, ZERO_TAIL_V, OVERLAP, KV_BAR_, VOTE,
-                          SPEC, LAZY)),
+                          SPEC, LAZY, DIAG_FIRST)),
             (_producer, (q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, q_bars, ready_k, ready_v,
                          empty_k0, empty_v0, empty_k1, empty_v1, vote_smem, q_start, seq_len, kv_start, pre_len, pid_m,
-                         head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES, V_EARLY, KV_BAR_, LAZY)),
+                         head, kv_group, BLOCK_N, HEAD_D, NUM_STAGES, V_EARLY, KV_BAR_, LAZY, DIAG_FIRST)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -772,7 +830,8 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
             skipped); a tile is 64 query rows × ``block_n`` keys.
         sm_scale: softmax scale (``1/sqrt(D)`` usually).
         max_extend_len: the longest sequence (0: nothing to do; no device sync here).
-        block_n: keys per tile (64 or 128).
+        block_n: keys per tile: 128, the CTA's rows, so that the CTA's last tile is the one diagonal
+            tile of both halves (visited first, :func:`_ring_tile`).
         k_prefix, v_prefix, kv_indptr: optional cached prefixes, gathered: ``(P, Hkv, D)`` contiguous
             (rows ``kv_indptr[b]:kv_indptr[b+1]`` are sequence ``b``'s prefix, which new token ``i``
             sees whole, before keys ``0..i`` of its own new tokens) and ``(B + 1,)`` int32/int64.
@@ -794,7 +853,7 @@ def gluon_prefill(q, k, v, out, qo_indptr, scale=None, stats=None, *, sm_scale, 
     hkv = k.shape[1]
     assert q.dtype in _GL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and out.dtype == q.dtype
     assert d in (64, 128) and k.shape == (T, hkv, d) and v.shape == (T, hkv, d) and out.shape == q.shape
-    assert hq % hkv == 0 and block_n in (64, 128)
+    assert hq % hkv == 0 and block_n == CTA_M
     # TMA reads q/k/v as (tokens, heads * D) matrices: heads packed, rows and base 16-byte aligned
     # (views into a fused qkv projection qualify); out is written through its strides.
     assert all(x.stride(2) == 1 and x.stride(1) == d and not (x.stride(0) * x.element_size()) % 16

@@ -11,9 +11,9 @@
    gluon kernel's own counters), our Triton kernel (``kernel="triton"``, the API's default tiles) at
    the same factors, cuDNN SDPA (and FlashInfer fa3 / FA2 SDPA when they import).
 
-3. d=64 on 64-key tiles (``--d64-variants``, default the module defaults; ``--d64-block-n 128``
-   for 128-key tiles): correctness (ragged, NaN padding, GQA 3/8, bf16/fp16) and 16K timing at
-   SmolLM2's 9/3 heads and at 32/8.
+3. d=64 on 128-key tiles (``--d64-variants``, default the module defaults; 64-key tiles went with
+   v11's diagonal-first order): correctness (ragged, NaN padding, GQA 3/8, bf16/fp16) and 16K
+   timing at SmolLM2's 9/3 heads and at 32/8.
 
 Variants (``--variants``): ``gluon_compile_report.VARIANTS`` plus ``default`` (no tuning passed);
 e.g. ``e2+ov`` / ``e2s+ov`` / ``e2a+ov`` time spec=0/1/2 (adaptive) of the overlap loop side by side.
@@ -331,8 +331,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--d64-variants", default="default",
                     help="variants checked and timed at d=64: SmolLM2's shape 9/3 and 32/8; '' for none")
-    ap.add_argument("--d64-block-n", type=int, default=64, choices=(64, 128),
-                    help="keys per tile of the d=64 cases (the API's d=64 default: 64)")
+    ap.add_argument("--d64-block-n", type=int, default=128, choices=(128,),
+                    help="keys per tile of the d=64 cases (the kernel's only tile width since v11)")
     ap.add_argument("--lengths", default=None, help="timed lengths, comma-separated, '+' joins a ragged batch "
                     "(default 16384,32768; --quick 16384)")
     ap.add_argument("--rounds", type=int, default=1, help="timing rounds, variants interleaved; the median is reported")
@@ -376,7 +376,7 @@ def main():
                 dict(lens=[3000, 5], hq=24, hkv=3, dtype=torch.bfloat16, factor=1e-6),
                 dict(lens=[1, 2, 63, 700], hq=8, hkv=8, dtype=torch.bfloat16, factor=3000.0, nan_pad=64),
             ]
-        if d64_variants:  # SmolLM2: d=64 on 64x64 tiles (the kernel's decision granularity)
+        if d64_variants:  # SmolLM2's head dim
             d64 = dict(d=64, block_n=args.d64_block_n, variants=d64_variants)
             cases += [
                 dict(lens=[1000, 77, 4097, 129], hq=9, hkv=3, dtype=torch.bfloat16, factor=300.0, nan_pad=100, **d64),
@@ -412,7 +412,7 @@ def main():
                 traceback.print_exc()
                 RESULT["errors"].append({"step": f"bench {L}", "error": f"{type(exc).__name__}: {str(exc)[:1000]}"})
             torch.cuda.empty_cache()
-        if d64_variants:  # d=64, 64-key tiles: SmolLM2's 9/3 heads, and 32/8; dense and ~70 %
+        if d64_variants:  # d=64: SmolLM2's 9/3 heads, and 32/8; dense and ~70 %
             for hq, hkv in ((9, 3), (32, 8)):
                 try:
                     rows += bench_length(bk, gp, torch, triton, synthetic_qkv, wd, 16384, d64_variants, hq=hq, hkv=hkv,
