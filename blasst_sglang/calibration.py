@@ -92,6 +92,11 @@ VERSION = 5
 #: version 2 has no layer weights, version 3 no layer KL curves, version 4 no KV group KL curves).
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PHASES = ("prefill", "decode")
+#: The order prefill visits a query block's key tiles in, recorded in each file (``prefill_order``):
+#: the diagonal tiles first (``blasst_kernels.reference``). Files without the field were calibrated
+#: when prefill visited tiles in key order, where one factor skips less: their prefill factors are
+#: refused (their decode factors hold: decode's order did not change).
+PREFILL_ORDER = "diagonal-first"
 GRANULARITIES = ("uniform", "layer", "head", "layer-budget", "head-budget")
 #: The granularities that allocate a sparsity budget by the error proxy (need :class:`BudgetCurves`).
 BUDGET_GRANULARITIES = ("layer-budget", "head-budget")
@@ -659,6 +664,8 @@ class Calibration:
         block_m, block_n: prefill tile sizes measured; decode_block_n, decode_splits: decode's.
         phases: phase name -> :class:`PhaseCalibration`.
         target_sparsity: the target asked for when calibrating (its factors are written to the JSON).
+        prefill_order: the order the prefill it measured visited key tiles in (:data:`PREFILL_ORDER`,
+            or ``"key"`` for files written before the field).
     """
 
     model_id: str
@@ -672,6 +679,7 @@ class Calibration:
     decode_splits: int
     phases: Dict[str, PhaseCalibration]
     target_sparsity: Optional[float] = None
+    prefill_order: str = PREFILL_ORDER
 
     def phase(self, phase: str) -> PhaseCalibration:
         """The laws of ``phase``; ``ValueError`` saying how to get them when it was not calibrated."""
@@ -681,6 +689,12 @@ class Calibration:
             raise ValueError(
                 f"calibration of {self.model_id} has no {phase!r} phase (has {sorted(self.phases)}); "
                 f"run `blasst calibrate --phase {phase}` (or --phase both)"
+            )
+        if phase == "prefill" and self.prefill_order != PREFILL_ORDER:
+            raise ValueError(
+                f"calibration of {self.model_id} measured a prefill that visited key tiles in {self.prefill_order!r} "
+                f"order; prefill now visits each block's diagonal tiles first, which skips more at the same factor: "
+                f"re-run `blasst calibrate` (its decode factors still hold)"
             )
         return self.phases[phase]
 
@@ -755,6 +769,7 @@ class Calibration:
             },
             "law": "lambda * L = a * exp(b * sparsity)",
             "target_sparsity": self.target_sparsity,
+            "prefill_order": self.prefill_order,
             "phases": {},
         }
         for name, ph in self.phases.items():
@@ -821,6 +836,9 @@ class Calibration:
         block_values = [positive_int(blocks, k, "blocks") for k in ("block_m", "block_n", "decode_block_n", "decode_splits")]
         target = d.get("target_sparsity")
         target = None if target is None else _finite(target, "target_sparsity")
+        order = d.get("prefill_order", "key")  # files before the field: key order
+        if order not in (PREFILL_ORDER, "key"):
+            raise ValueError(f"prefill_order must be {PREFILL_ORDER!r} or 'key', got {order!r}")
         phases_json = section("phases")
         if not phases_json:
             raise ValueError("calibration has no phase (expected 'prefill' and/or 'decode')")
@@ -860,7 +878,7 @@ class Calibration:
                 points,
                 budget,
             )
-        return cls(model["id"], *shape, *block_values, phases, target)
+        return cls(model["id"], *shape, *block_values, phases, target, order)
 
 
 def load_calibration(path, *, model_shape: Optional[Sequence[int]] = None) -> Calibration:

@@ -31,11 +31,13 @@ def test_shapes_and_sparsity(smollm2, captured):
     assert maps.layer_sparsity().shape == (30,)
     skipped, visited = maps.counts()
     assert maps.overall_sparsity() == pytest.approx(float(skipped.sum()) / float(visited.sum()))
-    # causal: the upper triangle is never visited; diagonal tiles and each row's first tile are never skipped
+    # causal: the upper triangle is never visited; diagonal tiles (visited first) are never skipped;
+    # the sink tile may be, but the model leans on it: far less often than other tiles
     upper = torch.ones(nq, nq, dtype=torch.bool).triu(1)
     assert (maps.maps[..., upper] == int(TileState.UNVISITED)).all()
     assert (maps.maps[..., maps.diagonal()] == int(TileState.COMPUTED)).all()
-    assert (maps.maps[..., 0] == int(TileState.COMPUTED)).all()
+    sink_skipped = (maps.maps[..., 1:, 0] == int(TileState.SKIPPED)).float().mean()
+    assert float(sink_skipped) < 0.5 * maps.overall_sparsity()
 
 
 def test_same_maps_from_ids_and_from_a_recording(smollm2, captured):
