@@ -92,11 +92,11 @@ VERSION = 5
 #: version 2 has no layer weights, version 3 no layer KL curves, version 4 no KV group KL curves).
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PHASES = ("prefill", "decode")
-#: The order prefill visits a query block's key tiles in, recorded in each file (``prefill_order``):
-#: the diagonal tiles first (``blasst_kernels.reference``). Files without the field were calibrated
-#: when prefill visited tiles in key order, where one factor skips less: their prefill factors are
-#: refused (their decode factors hold: decode's order did not change).
-PREFILL_ORDER = "diagonal-first"
+#: The order the skip decisions see key tiles in, recorded in each file (``visit_order``): the
+#: diagonal tiles first (prefill's; decode's is its last tile; ``blasst_kernels.reference``). Files
+#: without the field were calibrated when both phases saw tiles in key order, where one factor skips
+#: less: their factors are refused.
+VISIT_ORDER = "diagonal-first"
 GRANULARITIES = ("uniform", "layer", "head", "layer-budget", "head-budget")
 #: The granularities that allocate a sparsity budget by the error proxy (need :class:`BudgetCurves`).
 BUDGET_GRANULARITIES = ("layer-budget", "head-budget")
@@ -664,7 +664,7 @@ class Calibration:
         block_m, block_n: prefill tile sizes measured; decode_block_n, decode_splits: decode's.
         phases: phase name -> :class:`PhaseCalibration`.
         target_sparsity: the target asked for when calibrating (its factors are written to the JSON).
-        prefill_order: the order the prefill it measured visited key tiles in (:data:`PREFILL_ORDER`,
+        visit_order: the order the skip decisions it measured saw key tiles in (:data:`VISIT_ORDER`,
             or ``"key"`` for files written before the field).
     """
 
@@ -679,7 +679,7 @@ class Calibration:
     decode_splits: int
     phases: Dict[str, PhaseCalibration]
     target_sparsity: Optional[float] = None
-    prefill_order: str = PREFILL_ORDER
+    visit_order: str = VISIT_ORDER
 
     def phase(self, phase: str) -> PhaseCalibration:
         """The laws of ``phase``; ``ValueError`` saying how to get them when it was not calibrated."""
@@ -690,11 +690,11 @@ class Calibration:
                 f"calibration of {self.model_id} has no {phase!r} phase (has {sorted(self.phases)}); "
                 f"run `blasst calibrate --phase {phase}` (or --phase both)"
             )
-        if phase == "prefill" and self.prefill_order != PREFILL_ORDER:
+        if self.visit_order != VISIT_ORDER:
             raise ValueError(
-                f"calibration of {self.model_id} measured a prefill that visited key tiles in {self.prefill_order!r} "
-                f"order; prefill now visits each block's diagonal tiles first, which skips more at the same factor: "
-                f"re-run `blasst calibrate` (its decode factors still hold)"
+                f"calibration of {self.model_id} measured skip decisions that saw key tiles in {self.visit_order!r} "
+                f"order; they now see each block's diagonal tiles (decode: the last tile) first, which skips more "
+                f"at the same factor: re-run `blasst calibrate`"
             )
         return self.phases[phase]
 
@@ -769,7 +769,7 @@ class Calibration:
             },
             "law": "lambda * L = a * exp(b * sparsity)",
             "target_sparsity": self.target_sparsity,
-            "prefill_order": self.prefill_order,
+            "visit_order": self.visit_order,
             "phases": {},
         }
         for name, ph in self.phases.items():
@@ -836,9 +836,9 @@ class Calibration:
         block_values = [positive_int(blocks, k, "blocks") for k in ("block_m", "block_n", "decode_block_n", "decode_splits")]
         target = d.get("target_sparsity")
         target = None if target is None else _finite(target, "target_sparsity")
-        order = d.get("prefill_order", "key")  # files before the field: key order
-        if order not in (PREFILL_ORDER, "key"):
-            raise ValueError(f"prefill_order must be {PREFILL_ORDER!r} or 'key', got {order!r}")
+        order = d.get("visit_order", "key")  # files before the field: key order
+        if order not in (VISIT_ORDER, "key"):
+            raise ValueError(f"visit_order must be {VISIT_ORDER!r} or 'key', got {order!r}")
         phases_json = section("phases")
         if not phases_json:
             raise ValueError("calibration has no phase (expected 'prefill' and/or 'decode')")

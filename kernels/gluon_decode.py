@@ -118,16 +118,24 @@ def gluon_decode_kernel(
     offs_r = gl.arange(0, BLOCK_N, layout=IDX)
     offs_c = gl.arange(0, BLOCK_N, layout=COL)
 
-    # Splits after the first decide against max(m, seed), seed = each head's max over tile 0 (the
-    # sink); lo > 0 implies kv_len > BLOCK_N, so tile 0 is whole.
+    # Decisions are against max(m, seed), seed = each head's max over the sequence's last tile (the
+    # local window; into the K ring's first stage) and, in splits after the first, over tile 0 (the
+    # sink; into a V stage, still unused; lo > 0 implies kv_len > BLOCK_N, so tile 0 is whole).
     seed = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
     if SKIP:
+        w0 = (kv_len - 1) // BLOCK_N * BLOCK_N
+        w_ok = w0 + offs_r < kv_len
+        _issue(k_ring.index(0), K, gl.load(idx_ptr + w0 + offs_r, mask=w_ok, other=0).to(gl.int64), w_ok, stride_bkt,
+               HEAD_D, LD)
         if lo > 0:
-            _issue(k_ring.index(0), K, gl.load(idx_ptr + offs_r).to(gl.int64), offs_r < BLOCK_N, stride_bkt, HEAD_D, LD)
-            cp.wait_group(0)
-            gl.thread_barrier()
-            seed = gl.max(mma_v2(q, k_ring.index(0).permute((1, 0)).load(B_OP), zero_s), 1) * qk_scale
-            gl.thread_barrier()
+            _issue(v_ring.index(0), K, gl.load(idx_ptr + offs_r).to(gl.int64), offs_r < BLOCK_N, stride_bkt, HEAD_D, LD)
+        cp.wait_group(0)
+        gl.thread_barrier()
+        s_w = mma_v2(q, k_ring.index(0).permute((1, 0)).load(B_OP), zero_s)
+        seed = gl.max(gl.where((w0 + offs_c < kv_len)[None, :], s_w * qk_scale, float("-inf")), 1)
+        if lo > 0:
+            seed = gl.maximum(seed, gl.max(mma_v2(q, v_ring.index(0).permute((1, 0)).load(B_OP), zero_s), 1) * qk_scale)
+        gl.thread_barrier()
 
     # Token slots of the first 2·NK tiles, then K_0 .. K_{NK-1}, an empty group after each but the
     # first (standing for the steady state's V group).
@@ -157,7 +165,7 @@ def gluon_decode_kernel(
         s = gl.where((start + offs_c < hi)[None, :], s * qk_scale, float("-inf"))
         m_ij = gl.max(s, 1)
         if SKIP:
-            # Keep the tile when any head of the group may matter (split 0's first tile: m = −inf).
+            # Keep the tile when any head of the group may matter.
             keep = gl.max(((m_ij - gl.maximum(m_i, seed) >= log2_lam) & h_ok).to(gl.int32), 0) > 0
         else:
             keep = gl.to_tensor(True)

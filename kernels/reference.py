@@ -6,7 +6,8 @@ float64 by default. Its rule, for every (row set, key tile) the kernel would vis
 1. ``S = Q Kᵀ · sm_scale`` over the tile's visible keys; ``m̃`` = each row's max over the tile.
 2. The tile is *skipped* when it is not the first visited tile, it does not overlap the causal
    diagonal, and every valid row has ``m̃ − m < ln λ`` with ``m`` the running max before the tile
-   (decode splits after the first: ``m`` also counts the row's max over the sequence's first tile).
+   (decode: ``m`` also counts the row's max over the sequence's last tile, and in splits after the
+   first over its first tile).
    A new-token tile ``[e0, e0 + block_n)`` overlaps the diagonal of the query block whose first
    row is new token ``i0`` when ``e0 + block_n − 1 > i0`` (nominal extent, padding included);
    prefix tiles and decode tiles never do.
@@ -14,7 +15,8 @@ float64 by default. Its rule, for every (row set, key tile) the kernel would vis
 
 Visiting order: a causal prefill row set visits the tiles that overlap its diagonal first (in key
 order), then the others in key order (the cached prefix's, then the new tokens'); decode and
-non-causal row sets visit theirs in key order. Diagonal tiles first means every decision is taken
+non-causal row sets visit theirs in key order, decode having counted its last tile (the query's
+own recent keys, decode's diagonal) as seen. Diagonal tiles first means every decision is taken
 against a running max that already holds the row's local window, where most heads put much of
 their weight, rather than against the keys left of the tile only; the sink tile (tile 0) is then
 skippable like any other. On SmolLM2 at 4K this drops 2.4-3.4x less KL at equal sparsity
@@ -31,12 +33,13 @@ Row sets are what one kernel program decides for together:
 Key tiles for extend are the cached prefix cut into ``block_n`` tiles from position 0, followed
 by the new tokens cut into ``block_n`` tiles from the first new token (the kernels read the two
 from different buffers). Decode tiles are ``block_n`` aligned positions; a KV split is a whole
-number of tiles and each split runs its own online softmax. A split after the first starts its skip
-decisions from the row's max over tile 0 (the sequence's first tile, where attention sinks live)
-instead of from nothing: the running max a single pass would have is at least that, so splitting
-the keys skips a subset of what one pass skips, and about as much (a split's first tile was
-otherwise never skipped and its maxima stayed low). Such a split may skip all its tiles; it then
-adds nothing to the merge.
+number of tiles and each split runs its own online softmax. Every split starts its skip decisions
+from the row's max over the sequence's last tile (the local window), and a split after the first
+also from its max over tile 0 (the sequence's first tile, where attention sinks live) instead of
+from nothing: the running max a single pass would have there is at least that (or tile 0 was
+skipped, below the last tile's max), so splitting the keys skips a subset of what one pass skips,
+and about as much (a split's first tile was otherwise never skipped and its maxima stayed low).
+A split may skip all its tiles; it then adds nothing to the merge.
 
 Tile states use :class:`TileState`: ``UNVISITED`` (causally masked, or past the end), ``COMPUTED``,
 ``SKIPPED``.
@@ -473,12 +476,15 @@ def _decode_row_lams(log_lam: torch.Tensor, num_kv_heads: int, group: int, ns: i
 
 def _decode_seed(q_rs: torch.Tensor, k: torch.Tensor, row_kv_head: torch.Tensor, ns: int, block_n: int,
                  sm_scale: float) -> torch.Tensor:
-    """``(R, P)`` each decode row set's ``seed_max``: the row's max score over tile 0 for splits
-    after the first, ``-inf`` for the first (which visits tile 0 itself)."""
-    k0 = k[:block_n].permute(1, 0, 2).to(q_rs.dtype)[row_kv_head]  # (R, n0, Dk)
-    seed = torch.einsum("rpd,rnd->rpn", q_rs, k0).amax(-1) * sm_scale
+    """``(R, P)`` each decode row set's ``seed_max``: the row's max score over the sequence's last
+    tile, and for splits after the first over tile 0 too (the first visits tile 0 itself)."""
+    def tile_max(keys):
+        keys = keys.permute(1, 0, 2).to(q_rs.dtype)[row_kv_head]  # (R, n, Dk)
+        return torch.einsum("rpd,rnd->rpn", q_rs, keys).amax(-1) * sm_scale
+
     first = torch.arange(q_rs.shape[0], device=q_rs.device) % ns == 0
-    return seed.masked_fill(first[:, None], -math.inf)
+    sink = tile_max(k[:block_n]).masked_fill(first[:, None], -math.inf)
+    return torch.maximum(sink, tile_max(k[(k.shape[0] - 1) // block_n * block_n:]))
 
 
 def decode_reference(

@@ -5,9 +5,10 @@ of a KV group (at most 16, :func:`blasst_kernels.reference.decode_head_blocks`) 
 ``tl.dot`` (a KV tile is loaded once for them). After ``S = QKᵀ`` the tile is skipped when every
 one of those heads has ``m̃ − m < log2 λ``: then its V rows are never read. Decode is
 memory-bound, so the skip is a predicate on the V load rather than a branch (a branch would stop
-the compiler from pipelining the K loads). Each split keeps its own online softmax; a split after
-the first counts tile 0's scores (the sinks) as seen, so it decides about as a single pass over the
-keys would, and may skip every tile (it then stores lse = −inf).
+the compiler from pipelining the K loads). Each split keeps its own online softmax and counts the
+scores of the sequence's last tile (the query's recent keys) as seen; a split after the first also
+tile 0's (the sinks), so it decides about as a single pass over the keys would, and may skip every
+tile (it then stores lse = −inf).
 Stage 2: merge the splits of each query head by log-sum-exp.
 """
 
@@ -82,14 +83,18 @@ def decode_split_kernel(
     K = K_buf + kv_head * stride_bkh
     V = V_buf + kv_head * stride_bvh
     idx_ptr = kv_indices + kv_start
-    # Decisions compare against max(m, seed); seed = each head's max over tile 0 for splits after
-    # the first (lo > 0 implies kv_len > BLOCK_N, so tile 0 is whole). Its K rows are read by every
-    # split of the request, mostly from L2.
+    # Decisions compare against max(m, seed); seed = each head's max over the sequence's last tile
+    # (the local window), and over tile 0 for splits after the first (lo > 0 implies kv_len >
+    # BLOCK_N, so tile 0 is whole). Their K rows are read by every split of the request, mostly
+    # from L2.
     seed = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     if SKIP:
+        qk_w, _ = _scores(q, q_pe, K, idx_ptr, (kv_len - 1) // BLOCK_N * BLOCK_N, kv_len, stride_bkt, qk_scale,
+                          BLOCK_N, BLOCK_D, BLOCK_DPE)
+        seed = tl.max(qk_w, 1)
         if lo > 0:
             qk0, _ = _scores(q, q_pe, K, idx_ptr, 0, kv_len, stride_bkt, qk_scale, BLOCK_N, BLOCK_D, BLOCK_DPE)
-            seed = tl.max(qk0, 1)
+            seed = tl.maximum(seed, tl.max(qk0, 1))
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
@@ -100,7 +105,7 @@ def decode_split_kernel(
         qk, rows = _scores(q, q_pe, K, idx_ptr, start, hi, stride_bkt, qk_scale, BLOCK_N, BLOCK_D, BLOCK_DPE)
         m_ij = tl.max(qk, 1)
         if SKIP:
-            # Keep the tile when any head of the group may matter (split 0's first tile: m = −inf).
+            # Keep the tile when any head of the group may matter.
             # The loop stays branch-free so K loads keep their pipelining; a skipped tile's V load
             # is predicated off (no memory traffic) and its update is a no-op (p = 0, alpha = 1,
             # selected rather than computed: m may still be −inf). With V inside the K rows just
@@ -160,9 +165,10 @@ def decode_merge_kernel(
     for s in range(0, tl.cdiv(kv_len, split_len)):
         lse = tl.load(pl + s)
         o = tl.load(po + s * stride_po_s + offs_dv)
+        # A split that skipped every tile has lse = −inf (any split may, the first included): weight 0.
         m_new = tl.maximum(m, lse)
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(lse - m_new)
+        alpha = tl.where(m == m_new, 1.0, tl.math.exp2(m - m_new))
+        w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - m_new))
         acc = acc * alpha + w * o
         denom = denom * alpha + w
         m = m_new

@@ -19,7 +19,7 @@ HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (576, 512)]
 def make_decode(lens, hq, hkv, dk, dv, page_size, dtype, gen):
     """Contexts of ``lens`` tokens in a paged cache (peaked keys), plus one query per request."""
     # The "prefix" is the context; the one new token's query is the decode query.
-    return make_batch(lens, [1] * len(lens), hq, hkv, dk, dv, page_size, dtype, gen, lean_per_kv_head=True)
+    return make_batch(lens, [1] * len(lens), hq, hkv, dk, dv, page_size, dtype, gen, lean_per_kv_head=True, sink_growth=0.5)
 
 
 def check_decode(ctx, hq, scale_factor, splits, opts, dtype):

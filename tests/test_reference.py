@@ -173,6 +173,25 @@ def test_decode_large_groups_decide_in_tiles_of_16_heads(hkv, group, rng):
     assert (skipped[rows[::group]] > 0.5).all() and (skipped < 0.5).any()  # the sink-led blocks skip
 
 
+def test_decode_counts_its_last_tile_as_seen(rng):
+    # The query leans on its own recent keys (the last tile): earlier tiles, the weak sink tile of
+    # the first split included, are negligible next to them and skipped; the last tile is kept.
+    d = 16
+    u = torch.randn(d, dtype=torch.float64, generator=rng)
+    u = u / u.norm()
+    q = 4.0 * u[None].expand(2, d).clone() + 0.05 * torch.randn(2, d, dtype=torch.float64, generator=rng)
+    k = 0.05 * torch.randn(70, 1, d, dtype=torch.float64, generator=rng)
+    k[0, 0] += 0.5 * u  # a weak sink
+    k[64:, 0] += 6.0 * u  # the last (partial) tile
+    v = torch.randn(70, 1, d, dtype=torch.float64, generator=rng)
+    for splits in (1, 2, 5):
+        r = decode_reference(q, k, v, block_n=16, num_splits=splits, log_lam=torch.tensor(math.log(0.05)))
+        assert r.tile_state[0].tolist() == [TileState.SKIPPED] * 4 + [TileState.COMPUTED]
+        keep = torch.arange(70) >= 64
+        dense = torch.softmax(q @ k[keep, 0].T / math.sqrt(d), -1) @ v[keep, 0]
+        assert torch.allclose(r.out, dense, atol=1e-12)
+
+
 def test_decode_splits_restart_and_merge(rng):
     q = torch.randn(4, 32, dtype=torch.float64, generator=rng)
     k = torch.randn(150, 2, 32, dtype=torch.float64, generator=rng)

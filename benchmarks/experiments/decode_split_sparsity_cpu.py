@@ -93,8 +93,8 @@ def main() -> int:
 
     original_seed = ref._decode_seed
 
-    def no_seed(q_rs, k, ns, block_n, sm_scale):
-        return torch.full_like(original_seed(q_rs, k, ns, block_n, sm_scale), -math.inf)
+    def no_seed(q_rs, k, row_kv_head, ns, block_n, sm_scale):
+        return torch.full_like(original_seed(q_rs, k, row_kv_head, ns, block_n, sm_scale), -math.inf)
 
     rules = {"old": no_seed, "new": original_seed}
     SK, UV = int(TileState.SKIPPED), int(TileState.UNVISITED)
