@@ -9,7 +9,8 @@ Measurements come from dense model runs: each calibration text at each length is
 every attention call evaluates ~20 log-spaced factors in one pass (sweep skip maps, see
 :func:`blasst_kernels.reference.prefill_skip_sweep` and
 :func:`blasst_kernels.reference.decode_skip_sweep`). Decode sparsity follows the decode kernel's
-rule (the query heads of a KV group decide together; KV splits start from tile 0's max): each
+rule (the query heads of a KV group decide together, having seen the last tile's max; KV splits
+after the first also tile 0's): each
 of the last ``decode_steps`` positions of a text is treated as one decode step over its prefix.
 
 Besides the one law for the whole model, every layer and every head gets its own law, so each

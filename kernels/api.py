@@ -376,7 +376,7 @@ def prefill_attention(
 #: ~145 registers per 128-thread program), the unit of :func:`default_num_kv_splits`' waves.
 DECODE_PROGRAMS_PER_SM = 3
 #: Splits of two waves shorter than this many tiles fall back to one wave; no split is made
-#: shorter than ``MIN_SPLIT_TILES`` tiles (a split re-reads tile 0 and runs its own prologue).
+#: shorter than ``MIN_SPLIT_TILES`` tiles (a split re-reads its seed tiles and runs its own prologue).
 LONG_SPLIT_TILES = 32
 MIN_SPLIT_TILES = 16
 _WAVE_FILL = 0.97  # aim just under whole waves: a wave 1.3x full ran at 0.85x of one just under
@@ -461,9 +461,9 @@ def decode_attention(
         kv_indptr, kv_indices: each request's whole context as token slots (see module doc).
         threshold_scale_factor: see module doc; λ uses each request's KV length.
         num_kv_splits: ``(B,)`` int32 splits per request (values above ``max_kv_splits`` are
-            clamped to it); default :func:`default_num_kv_splits`. Splits after the first also
-            count each head's max over tile 0 as seen (see :mod:`blasst_kernels.reference`), so the
-            split count barely moves what is skipped.
+            clamped to it); default :func:`default_num_kv_splits`. Every split counts each head's
+            max over the last tile as seen, and splits after the first over tile 0 too (see
+            :mod:`blasst_kernels.reference`), so the split count barely moves what is skipped.
         max_kv_splits: most splits per request, the workspaces' size; default: the workspaces'
             when given, else :func:`workspace_kv_splits`.
         stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a decode tile's counts
