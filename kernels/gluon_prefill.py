@@ -96,8 +96,9 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
     default (with OVERLAP the consumers need ``Q K_{j+1}ᵀ`` before ``P_j V_j``); with ``V_EARLY``
     K_0, V_0, K_1, V_1, ... (V_j has landed by the time a consumer skips tile j and releases it);
     with ``V_EARLY`` the ``cdiv(pre_len, BLOCK_N)`` tiles of a cached prefix (``kp_desc``/``vp_desc``
-    rows from ``kv_start``) come after the diagonal tile, then the new tokens' other tiles. With ``KV_BAR`` one ``empty`` barrier per
-    consumer and stage covers K and V together (``empty_k*``; ``empty_v*`` unused).
+    rows from ``kv_start``) come before the new tokens' (the diagonal tile first in skip mode). With
+    ``KV_BAR`` one ``empty`` barrier per consumer and stage covers K and V together (``empty_k*``;
+    ``empty_v*`` unused).
 
     With ``LAZY`` (skip mode) V_j is loaded only if a consumer keeps tile j. Each consumer posts its
     decision on tile j (its per-warp vote words in ``vote_smem[2 s + half]``) before it releases
@@ -131,8 +132,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                 mbarrier.wait(empty_k0.index(s), ph ^ 1)
                 mbarrier.wait(empty_k1.index(s), ph ^ 1)
                 mbarrier.expect(ready_k.index(s), k_desc.block_type.nbytes)
-                _load_tile(k_desc, kp_desc, _ring_tile(i, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col, ready_k.index(s),
-                           k_smem.index(s), BLOCK_N)
+                _load_tile(k_desc, kp_desc, _ring_tile(i, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col,
+                           ready_k.index(s), k_smem.index(s), BLOCK_N)
             keep_prev = i >= 0  # V_0 is predicted kept
             if i > 0:
                 j = i - 1
@@ -159,8 +160,8 @@ def _producer(q_desc, k_desc, v_desc, kp_desc, vp_desc, q_smem, k_smem, v_smem, 
                     mbarrier.wait(empty_v0.index(s), ph ^ 1)
                     mbarrier.wait(empty_v1.index(s), ph ^ 1)
                     mbarrier.expect(ready_v.index(s), v_desc.block_type.nbytes)
-                    _load_tile(v_desc, vp_desc, _ring_tile(i, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col, ready_v.index(s),
-                               v_smem.index(s), BLOCK_N)
+                    _load_tile(v_desc, vp_desc, _ring_tile(i, last, DIAG_FIRST), n_pre, q_start, kv_start, kv_col,
+                               ready_v.index(s), v_smem.index(s), BLOCK_N)
                     v_sent = gl.to_tensor(True)
     elif V_EARLY:
         for i in range(n_pre + n_tiles):

@@ -1,11 +1,10 @@
 """KL and top-1 of the rule when each query block visits its diagonal tiles first (issue #4).
 
 Written when the reference (and both prefill kernels) visited a query block's key tiles left to
-right (``left``, kept here as ``key_order_reference``); since v11 the product visits the diagonal
-tiles first (``diag``). Left to right, the diagonal tiles, where most heads put much of their
-weight, come last: a far tile is judged against the running max of the tiles left of it only,
-which is often far below the row's true max. Visiting
-the diagonal tiles first (FlashAttention-3's causal loop runs right to left for its own reasons)
+right (``left``, obtained here by switching off the reference's diagonal seed); since v11 the
+product visits the diagonal tiles first (``diag``). Left to right, the diagonal tiles, where most
+heads put much of their weight, come last: a far tile is judged against the running max of the
+tiles left of it only, which is often far below the row's true max. Visiting the diagonal tiles first (FlashAttention-3's causal loop runs right to left for its own reasons)
 makes every later decision against a max that already holds the local window. Equivalent: the
 running max the decisions see is seeded with each row's max over its diagonal tiles, and the first
 tile (the sink tile) becomes skippable like any other. Measured on the model's next-token
@@ -19,65 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
-import torch
-
 from blasst_kernels import reference as ref
-from blasst_sglang import calibration, hf_attention
+from blasst_sglang import calibration
 from blasst_sglang.calibration import calibration_windows
 from blasst_sglang.evaluate import EVAL_OFFSET_TOKENS, configs_from_calibration, configs_from_factors, next_token_fidelity
 from blasst_sglang.model import load_smollm2
 
-_diag_reference = hf_attention.prefill_reference  # the product's rule: diagonal tiles first
-_diag_sweep = calibration.prefill_skip_sweep
-
-
-def key_order_reference(q, k, v, *, prefix_len=0, sm_scale=None, log_lam=None, causal=True, block_m=64, block_n=64,
-                        skip_override=None, compute_dtype=torch.float64):
-    """``prefill_reference`` as it was before v11: tiles visited in key order (no diagonal seed)."""
-    E, Hq, Dk = q.shape
-    sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
-    q_rs, kv_head, row_pos, row_valid, tiles, tile_full, heads, nq, T = ref._prefill_row_sets(
-        q, k, prefix_len, causal, block_m, block_n, compute_dtype)
-    log_lam = torch.full((Hq,), -math.inf) if log_lam is None else log_lam
-    log_lam = torch.as_tensor(log_lam, dtype=compute_dtype).expand(Hq)
-    acc, m_i, l_i, state, margin, _ = ref._blocked_online_softmax(
-        q_rs, k.permute(1, 0, 2), v.permute(1, 0, 2), kv_head, row_pos, row_valid, tiles, tile_full,
-        log_lam[heads][:, None].expand(Hq * nq, block_m), sm_scale, None)
-    out, lse = ref._finish(acc, m_i, l_i)
-    out = out.view(Hq, nq * block_m, -1).permute(1, 0, 2)[:E]
-    lse = lse.view(Hq, nq * block_m).T[:E]
-    return ref.ReferenceResult(out.to(q.dtype).contiguous(), lse.float().contiguous(), state.view(Hq, nq, T),
-                               margin.view(Hq, nq, T))
-
-
-def key_order_sweep(q, k, log_lams, *, prefix_len=0, block_m=64, block_n=64, compute_dtype=torch.float32,
-                    return_skipped_mass=False, sm_scale=None, causal=True):
-    """``prefill_skip_sweep`` in key order."""
-    E, Hq, Dk = q.shape
-    sm_scale = 1.0 / math.sqrt(Dk) if sm_scale is None else sm_scale
-    q_rs, kv_head, row_pos, row_valid, tiles, tile_full, heads, nq, T = ref._prefill_row_sets(
-        q, k, prefix_len, causal, block_m, block_n, compute_dtype)
-    k_heads = k.permute(1, 0, 2)
-    lams = torch.as_tensor(log_lams, dtype=compute_dtype)
-    lams = (lams[:, None] if lams.dim() == 1 else lams).expand(-1, Hq)
-    lam_rows = lams[:, heads][:, :, None].expand(-1, Hq * nq, block_m)
-    _, _, _, state, _, tile_lse = ref._blocked_online_softmax(
-        q_rs, k_heads, k_heads, kv_head, row_pos, row_valid, tiles, tile_full, lam_rows, sm_scale, None,
-        with_output=False, with_tile_lse=return_skipped_mass)
-    maps = state.view(-1, Hq, nq, T)
-    if not return_skipped_mass:
-        return maps
-    return maps, ref._skipped_mass(state, tile_lse).reshape(-1, Hq, nq * block_m)[:, :, :E]
+_diagonal_seed = ref._diagonal_seed  # the product's rule: the diagonal tiles' max seen first
 
 
 def use_order(order: str) -> None:
-    """Point the model's attention (and the calibration's sweeps) at one visiting order."""
-    diag = order == "diag"
-    hf_attention.prefill_reference = _diag_reference if diag else key_order_reference
-    calibration.prefill_skip_sweep = _diag_sweep if diag else key_order_sweep
+    """Point the reference (the model's attention and the calibration's sweeps both call it) at
+    one visiting order: ``diag``, the product's, or ``left``, key order as before v11 (no seed)."""
+    ref._diagonal_seed = _diagonal_seed if order == "diag" else (lambda *args: None)
 
 
 def main():
