@@ -4,11 +4,13 @@ For each shape: our kernel dense (threshold 0) and at threshold scale factors th
 50/70/90 % of tiles (found by bisection on the kernel's own counters), against the best dense
 kernels in the same run: cuDNN SDPA, FlashAttention-2 SDPA, FlashInfer (fa3 prefill, paged
 decode) and SGLang's triton kernels where they import. Inputs are synthetic sinks + local windows
-(``benchmarks/synthetic.py``), labelled as such.
+(``benchmarks/synthetic.py``), or with ``--captured FILE`` a real model's Q/K/V
+(``benchmarks/capture_qkv.py``), labelled as such.
 
 Usage (GPU machine)::
 
     python benchmarks/bench_kernels.py [--quick] [--phase prefill|decode|all] [--out DIR]
+    python benchmarks/bench_kernels.py --captured .captured/smollm2_4k.pt --cuda-graphs --out DIR
 
 Prints one table last and writes ``bench_kernels_<device>_<date>.json``.
 """
@@ -46,11 +48,30 @@ from blasst_kernels import (  # noqa: E402
 
 TARGETS = (0.5, 0.7, 0.9)
 SHARPNESS = (1.0, 1.6, 2.5)  # data sharpness levels tried, in order, to reach a target sparsity
+DEVICE, DTYPE = "cuda", torch.bfloat16  # where and in what the kernels are timed (SGLang serves bf16)
 
 
 def bench(fn) -> float:
-    """Median milliseconds (CUDA events), after warm-up."""
+    """Median milliseconds (CUDA events), after warm-up. Eager: a call shorter than its own host
+    path (~0.15-0.2 ms through the kernels API on the H100 host) measures the host; see
+    :func:`bench_graph`."""
     return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """Median milliseconds of replaying ``fn`` captured in a CUDA graph (as SGLang runs decode):
+    the kernels' time without the host path. ``fn`` must be capturable: no sync, no new host
+    data (pass factors as device tensors, or warm the API's cache of float factors first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, caches) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def env_info() -> dict:
@@ -70,8 +91,24 @@ def env_info() -> dict:
 def prefill_inputs(lens, hq, hkv, d, sharpness, seed=0):
     parts = [synthetic_qkv(n, hq, hkv, d, seed=seed + i, local_peak=16 * sharpness, sink_peak=18 * sharpness) for i, n in enumerate(lens)]
     q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
-    return q, k, v, cu
+    return q, k, v, cu_seqlens(lens)
+
+
+def cu_seqlens(lens):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+
+
+def captured_inputs(path):
+    """A file of ``capture_qkv.py`` as one sequence: its layers' heads side by side, layer-major, so
+    each layer's GQA groups stay together. Returns bf16 ``q (L, n·Hq, D)``, ``k``/``v (L, n·Hkv, D)``
+    and a label; its softmax scale must be the kernels' default ``1/sqrt(D)``."""
+    data = torch.load(path)
+    n, length, hq, d = data["q"].shape
+    if abs(data["scaling"] - d ** -0.5) > 1e-6:
+        raise ValueError(f"{path}: softmax scale {data['scaling']} is not 1/sqrt({d}); the benchmark runs the default")
+    q, k, v = (data[x].permute(1, 0, 2, 3).reshape(length, -1, d).to(DEVICE, DTYPE).contiguous() for x in "qkv")
+    label = f"captured {data['model'].split()[0]} layers {'/'.join(map(str, data['layers']))}"
+    return (q, k, v), label
 
 
 #: The Triton kernel at the default d=128 tiles (extend_attention's fallback: cached prefixes, other GPUs).
@@ -83,7 +120,7 @@ def run_prefill(q, k, v, cu, max_len, factor, stats=None, options=None):
 
 
 def measured_sparsity(fn_with_stats, num_heads) -> float:
-    stats = torch.zeros(num_heads, 2, dtype=torch.int32, device="cuda")
+    stats = torch.zeros(num_heads, 2, dtype=torch.int32, device=DEVICE)
     fn_with_stats(stats)
     s = stats.sum(0).tolist()
     return s[1] / max(s[0], 1)
@@ -110,9 +147,13 @@ def find_factor(fn_with_stats, num_heads, target, max_factor):
     return bisect_factor(lambda f: measured_sparsity(lambda st: fn_with_stats(f, st), num_heads), target, max_factor)
 
 
-def check_prefill(hq, hkv, d, length=1536):
-    """bf16 kernel vs the float32 reference on the GPU: skip maps and (replayed) outputs."""
-    q, k, v, cu = prefill_inputs([length, 700], hq, hkv, d, 1.6, seed=123)
+def check_prefill(hq, hkv, d, length=1536, seq=None):
+    """bf16 kernel vs the float32 reference on the GPU: skip maps and (replayed) outputs, on a
+    batch of two sequences: synthetic, or the first ``length + 700`` tokens of ``seq`` (q, k, v)."""
+    if seq is None:
+        q, k, v, cu = prefill_inputs([length, 700], hq, hkv, d, 1.6, seed=123)
+    else:
+        (q, k, v), cu = (t[: length + 700] for t in seq), cu_seqlens([length, 700])
     opts = default_options(d, d, "prefill")
     factor = 200.0
     out, kmap = prefill_attention(q, k, v, cu, threshold_scale_factor=factor, return_skip_map=True, options=opts)
@@ -136,11 +177,13 @@ def check_prefill(hq, hkv, d, length=1536):
             "ok": worst < 2e-2 and disagree == 0}
 
 
-def prefill_rows(lens, hq, hkv, d, label):
+def prefill_rows(lens, hq, hkv, d, label, seq=None):
+    """Dense, threshold-on and ~50/70/90 % skipped prefill against the dense baselines, on
+    synthetic data (sharpened where a target is out of reach) or on one sequence ``seq`` (q, k, v)."""
     rows = []
     max_len = max(lens)
     flops = sum(4.0 * n * n * hq * d / 2 for n in lens)  # causal: half of QKᵀ and P·V
-    q, k, v, cu = prefill_inputs(lens, hq, hkv, d, 1.0)
+    q, k, v, cu = prefill_inputs(lens, hq, hkv, d, 1.0) if seq is None else (*seq, cu_seqlens(lens))
     shape = {"lens": lens, "hq": hq, "hkv": hkv, "d": d, "label": label}
     dense_ms = bench(lambda: run_prefill(q, k, v, cu, max_len, None))
     rows.append({**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": dense_ms})
@@ -162,7 +205,7 @@ def prefill_rows(lens, hq, hkv, d, label):
             lambda st: run_prefill(q, k, v, cu, max_len, 1e-6, st, options=opts), hq),
             "ms": bench(lambda: run_prefill(q, k, v, cu, max_len, 1e-6, options=opts))})
     for target in TARGETS:
-        for sharp in SHARPNESS:
+        for sharp in SHARPNESS if seq is None else (1.0,):
             qs, ks, vs, cus = (q, k, v, cu) if sharp == 1.0 else prefill_inputs(lens, hq, hkv, d, sharp)
             factor, sp = find_factor(lambda f, st: run_prefill(qs, ks, vs, cus, max_len, f, st), hq, target, min(lens) / 2)
             if abs(sp - target) < 0.05:
@@ -183,40 +226,47 @@ def prefill_rows(lens, hq, hkv, d, label):
 # ---------------------------------------------------------------- decode
 
 
-def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0, dv=None):
-    """A paged cache of ``batch`` contexts of ``ctx`` tokens (last page partial when ``ctx`` is odd).
+def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0, dv=None, seq=None):
+    """A paged cache of ``batch`` contexts of ``ctx`` tokens (last page partial when ``ctx`` is odd),
+    cut from one synthetic sequence or from ``seq`` (q, k, v; at least ``ctx + batch - 1`` tokens).
 
     ``dv`` (MLA's absorbed form, ``hkv = 1``): ``v_buffer`` is a view of the first ``dv`` columns of
     ``k_buffer``, the latent cache SGLang keeps. Returns ``(q, k_buffer, v_buffer, kv_indptr,
     kv_indices)`` and the page table ``(batch, pages_per_request)``; q is each context's last query.
     """
     per_req = -(-ctx // page_size)
-    perm = torch.randperm(batch * per_req, generator=torch.Generator().manual_seed(seed)).cuda().view(batch, per_req)
-    slots = (perm[:, :, None] * page_size + torch.arange(page_size, device="cuda")).reshape(batch, -1)[:, :ctx]
-    k_buffer = torch.empty(batch * per_req * page_size, hkv, d, dtype=torch.bfloat16, device="cuda")
+    perm = torch.randperm(batch * per_req, generator=torch.Generator().manual_seed(seed)).to(DEVICE).view(batch, per_req)
+    slots = (perm[:, :, None] * page_size + torch.arange(page_size, device=DEVICE)).reshape(batch, -1)[:, :ctx]
+    k_buffer = torch.empty(batch * per_req * page_size, hkv, d, dtype=DTYPE, device=DEVICE)
     v_buffer = torch.empty_like(k_buffer) if dv is None else k_buffer[..., :dv]
-    q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="cuda")
-    # One synthetic sequence; request b reads token 0 (the sink) and then a window of it that starts
-    # 97·b tokens later, so requests differ while each sees what a real decode step sees: the sink
+    q = torch.empty(batch, hq, d, dtype=DTYPE, device=DEVICE)
+    # One sequence; request b reads token 0 (the sink) and then a window of it that starts
+    # stride·b tokens later, so requests differ while each sees what a real decode step sees: the sink
     # at position 0 and the query's local window at the end (its query is its window's last token).
-    stride = 97
-    qs, ks, vs = synthetic_qkv(ctx + stride * (batch - 1), hq, hkv, d, seed=seed, local_peak=16 * sharpness,
-                               sink_peak=18 * sharpness)
+    if seq is None:
+        stride = 97
+        qs, ks, vs = synthetic_qkv(ctx + stride * (batch - 1), hq, hkv, d, seed=seed, local_peak=16 * sharpness,
+                                   sink_peak=18 * sharpness)
+    else:
+        qs, ks, vs = seq
+        stride = min(97, (ks.shape[0] - ctx) // max(batch - 1, 1))
+        if stride < 1:
+            raise ValueError(f"{batch} decode windows of {ctx} tokens need {ctx + batch - 1} tokens, the sequence has {ks.shape[0]}")
     for b in range(batch):
         window = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, ctx) + stride * b]).to(ks.device)
         k_buffer[slots[b]] = ks[window]
         if dv is None:
             v_buffer[slots[b]] = vs[window]
         q[b] = qs[window[-1]]
-    kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
+    kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device=DEVICE)
     return (q, k_buffer, v_buffer, kv_indptr, slots.reshape(-1).to(torch.int32)), perm.to(torch.int32)
 
 
-def check_decode(hq, hkv, d, dv=None):
-    (q, kb, vb, indptr, idx), _ = decode_inputs(4, 3001, hq, hkv, d, 16, 1.6, seed=7, dv=dv)
+def check_decode(hq, hkv, d, dv=None, seq=None):
+    (q, kb, vb, indptr, idx), _ = decode_inputs(4, 3001, hq, hkv, d, 16, 1.6, seed=7, dv=dv, seq=seq)
     slots = idx.view(4, 3001)
     opts = default_options(d, dv or d, "decode")
-    splits = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device="cuda")
+    splits = torch.tensor([1, 2, 3, 4], dtype=torch.int32, device=DEVICE)
     factor = 300.0
     out, kmap = decode_attention(q, kb, vb, indptr, idx, threshold_scale_factor=factor, num_kv_splits=splits,
                                  max_kv_splits=4, return_skip_map=True, options=opts)
@@ -234,14 +284,15 @@ def check_decode(hq, hkv, d, dv=None):
     return {"rel_err": worst, "map_disagreements": disagree, "sparsity": sparsity, "ok": worst < 2e-2 and disagree == 0}
 
 
-def decode_rows(batch, ctx, hq, hkv, d, page_size, dv=None):
-    """Dense and ~50/70/90 % skipped decode against the dense baselines. GB/s count the cache bytes
-    a dense decode reads: K and V, or with ``dv`` (MLA) the latent rows once."""
+def decode_rows(batch, ctx, hq, hkv, d, page_size, dv=None, seq=None):
+    """Dense and ~50/70/90 % skipped decode against the dense baselines, on synthetic data or cut
+    from ``seq`` (q, k, v; see :func:`decode_inputs`). GB/s count the cache bytes a dense decode
+    reads: K and V, or with ``dv`` (MLA) the latent rows once."""
     shape = {"batch": batch, "ctx": ctx, "hq": hq, "hkv": hkv, "d": d, "page_size": page_size}
     if dv is not None:
         shape["dv"] = dv
     kv_bytes = batch * ctx * hkv * (d if dv is not None else 2 * d) * 2  # bf16
-    dense_data, page_table = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0, dv=dv)
+    dense_data, page_table = decode_inputs(batch, ctx, hq, hkv, d, page_size, 1.0, dv=dv, seq=seq)
     rows = [{**shape, "kernel": "blasst dense", "sparsity": 0.0, "ms": bench(lambda: decode_attention(*dense_data))}]
     for name, fn in baselines.decode_baselines(*dense_data, page_size, page_table, ctx).items():
         try:
@@ -249,7 +300,7 @@ def decode_rows(batch, ctx, hq, hkv, d, page_size, dv=None):
         except Exception as exc:
             rows.append({**shape, "kernel": name, "error": repr(exc)[:300]})
     for target in TARGETS:
-        for sharp in SHARPNESS:
+        for sharp in SHARPNESS if seq is None else (1.0,):
             data = dense_data if sharp == 1.0 else decode_inputs(batch, ctx, hq, hkv, d, page_size, sharp, dv=dv)[0]
             factor, sp = find_factor(
                 lambda f, st: decode_attention(*data, threshold_scale_factor=f, stats=st), hq, target, ctx / 2)
@@ -262,6 +313,29 @@ def decode_rows(batch, ctx, hq, hkv, d, page_size, dv=None):
         if "ms" in r:
             r["gbps"] = kv_bytes / (r["ms"] * 1e-3) / 1e9
     return rows
+
+
+# ---------------------------------------------------------------- captured from a real model
+
+
+def captured_rows(path, phase, batch, result) -> str:
+    """Prefill over the captured sequence and decode of ``batch`` requests cut from it (page 16,
+    contexts of 7/8 of it), each checked against the reference first; adds checks and rows to
+    ``result`` and returns the inputs' label."""
+    seq, label = captured_inputs(path)
+    length, hq, d = seq[0].shape
+    hkv = seq[1].shape[1]
+    if phase in ("prefill", "all"):
+        result["checks"]["prefill_captured"] = check_prefill(hq, hkv, d, seq=seq)
+        print("check prefill captured", result["checks"]["prefill_captured"], flush=True)
+        result["rows"] += prefill_rows([length], hq, hkv, d, label, seq=seq)
+        print(f"prefill {length} {label} done", flush=True)
+    if phase in ("decode", "all"):
+        result["checks"]["decode_captured"] = check_decode(hq, hkv, d, seq=seq)
+        print("check decode captured", result["checks"]["decode_captured"], flush=True)
+        result["rows"] += decode_rows(batch, length * 7 // 8, hq, hkv, d, 16, seq=seq)
+        print(f"decode {batch}x{length * 7 // 8} {label} done", flush=True)
+    return f"{label} ({path}; heads of the layers side by side)"
 
 
 # ---------------------------------------------------------------- main
@@ -304,13 +378,26 @@ def main():
                     help="prefill head dims (d=64: GQA rows at lengths up to 32K; MHA and ragged at d=128 only)")
     ap.add_argument("--decode-sets", default="d128,d64,mla",
                     help="decode shapes: d128 (GQA 32/8, the P4 shapes), d64 (GQA 32/8), mla (576/512 latent, 16/64/128 heads)")
+    ap.add_argument("--captured", default=None, metavar="FILE",
+                    help="instead of the synthetic shapes: a real model's Q/K/V from capture_qkv.py (prefill over its "
+                         "sequence; decode of --captured-batch requests cut from it)")
+    ap.add_argument("--captured-batch", type=int, default=64, help="decode requests cut from the captured sequence")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="time CUDA-graph replays (bench_graph), not eager calls: calls as short as the API's host "
+                         "path (~0.2 ms, e.g. --captured) otherwise measure the host")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
+    if args.cuda_graphs:
+        global bench
+        bench = bench_graph
     info = env_info()
     print(json.dumps(info))
-    result = {"env": info, "inputs": "synthetic sinks + local windows (benchmarks/synthetic.py)", "checks": {}, "rows": []}
+    result = {"env": info, "inputs": "synthetic sinks + local windows (benchmarks/synthetic.py)", "checks": {}, "rows": [],
+              "timing": "CUDA-graph replays" if args.cuda_graphs else "eager calls"}
     hq, hkv, d = 32, 8, 128
-    if args.phase in ("prefill", "all"):
+    if args.captured:
+        result["inputs"] = captured_rows(args.captured, args.phase, args.captured_batch, result)
+    elif args.phase in ("prefill", "all"):
         dims = tuple(int(x) for x in args.prefill_dims.split(","))
         for dd in dims:
             result["checks"][f"prefill_d{dd}"] = check_prefill(hq, hkv, dd)
@@ -332,7 +419,7 @@ def main():
                     print(f"prefill {n} {label} d={dd} done", flush=True)
         if not (args.quick or args.no_ragged):
             result["rows"] += prefill_rows([8192, 4096, 2048, 1024, 1024], hq, hkv, d, "ragged GQA 32/8")
-    if args.phase in ("decode", "all"):
+    if args.phase in ("decode", "all") and not args.captured:
         sets = args.decode_sets.split(",")
         # (batch, ctx, page size, query heads, KV heads, head dim, V head dim or None)
         configs = []
