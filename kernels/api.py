@@ -160,7 +160,8 @@ def _scale_tensor(factor: Union[ScaleFactor, torch.Tensor], num_heads: int, devi
 
     A float32 tensor already on a CUDA ``device`` is used as is, with no value check (that would
     cost a device sync per call): validate it once with :func:`validate_scale_factor`. Should it
-    hold NaN or negative entries anyway, the kernels treat those heads as dense.
+    hold NaN or negative entries anyway, the kernels treat those heads as dense. A float is
+    checked and made into a table once per (value, heads, device) (:func:`_float_factors`).
     """
     if isinstance(factor, torch.Tensor) and factor.device == device and factor.dtype == torch.float32:
         if factor.shape != (num_heads,):
@@ -168,12 +169,26 @@ def _scale_tensor(factor: Union[ScaleFactor, torch.Tensor], num_heads: int, devi
         if device.type != "cuda":
             validate_scale_factor(factor, num_heads, "threshold_scale_factor")
         return factor
-    values = validate_scale_factor(factor, num_heads, "threshold_scale_factor")
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+        return _float_factors(float(factor), num_heads, device)
+    return _factor_table(validate_scale_factor(factor, num_heads, "threshold_scale_factor"), num_heads, device)
+
+
+def _factor_table(values: Optional[torch.Tensor], num_heads: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Validated factors (:func:`validate_scale_factor`'s result) as the kernels' ``(num_heads,)`` float32 table."""
     if values is None:
         return None
     if device.type == "cuda":
         return _device_factors(tuple(values.tolist()), num_heads, device)
     return values.to(torch.float32).expand(num_heads).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _float_factors(factor: float, num_heads: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The table of one float factor, checked once per (factor, heads, device): the check's small CPU
+    tensor ops took 23.5 µs of every call's host path on the H100 machine, where a short call's kernel
+    takes ~0.2 ms (``benchmarks/NOTES.md`` v12). A bad value raises and is not cached."""
+    return _factor_table(validate_scale_factor(factor, num_heads, "threshold_scale_factor"), num_heads, device)
 
 
 @functools.lru_cache(maxsize=64)

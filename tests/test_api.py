@@ -122,3 +122,20 @@ def test_float_factors_are_copied_to_the_gpu_once():
     first = _scale_tensor(300.0, 8, dev)
     assert first.device.type == "cuda" and first.dtype == torch.float32 and first.tolist() == [300.0] * 8
     assert _scale_tensor(300.0, 8, dev) is first and _scale_tensor(301.0, 8, dev) is not first
+
+
+def test_float_factors_are_checked_once_and_bad_ones_always_raise():
+    """A float factor's check and table are made once per value (the check's CPU tensor ops cost ~20 µs
+    of every call's host path); a bad float is not cached, so it raises on every call."""
+    from blasst_kernels.api import _scale_tensor
+
+    cpu = torch.device("cpu")
+    first = _scale_tensor(300.0, 8, cpu)
+    assert first.dtype == torch.float32 and first.tolist() == [300.0] * 8
+    assert _scale_tensor(300, 8, cpu) is first and _scale_tensor(301.0, 8, cpu) is not first
+    assert _scale_tensor(300.0, 4, cpu).tolist() == [300.0] * 4
+    assert _scale_tensor(0.0, 8, cpu) is None
+    for bad in (float("nan"), -1.0, float("inf"), True):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="threshold_scale_factor"):
+                _scale_tensor(bad, 8, cpu)
