@@ -12,6 +12,10 @@ distributions (SmolLM2, CPU, the eval's held-out 4K window, last 512 positions, 
 
     OMP_NUM_THREADS=2 python3 benchmarks/experiments/diagonal_first_kl_cpu.py --runs "left:383,3213;diag:100,1000"
     OMP_NUM_THREADS=2 python3 benchmarks/experiments/diagonal_first_kl_cpu.py --calibrate OUT.json --targets 0.5 0.7
+    OMP_NUM_THREADS=2 python3 benchmarks/experiments/diagonal_first_kl_cpu.py --runs "oracle:30,100,300,1000" --out OUT.json
+
+``oracle`` is no visiting order but the ideal of every order: each decision against the row's true
+max (see :func:`use_order`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+import torch
 
 from blasst_kernels import reference as ref
 from blasst_sglang import calibration
@@ -29,10 +35,17 @@ from blasst_sglang.model import load_smollm2
 _diagonal_seed = ref._diagonal_seed  # the product's rule: the diagonal tiles' max seen first
 
 
+def _row_max_seed(q_rs, k_heads, kv_head, row_pos, row_valid, tiles, tile_full, sm_scale):
+    """Each row's max over every key it sees: :func:`_diagonal_seed` with every tile counted as diagonal."""
+    return _diagonal_seed(q_rs, k_heads, kv_head, row_pos, row_valid, tiles, torch.zeros_like(tile_full), sm_scale)
+
+
 def use_order(order: str) -> None:
     """Point the reference (the model's attention and the calibration's sweeps both call it) at
-    one visiting order: ``diag``, the product's, or ``left``, key order as before v11 (no seed)."""
-    ref._diagonal_seed = _diagonal_seed if order == "diag" else (lambda *args: None)
+    one visiting order: ``diag``, the product's; ``left``, key order as before v11 (no seed); or
+    ``oracle``, no order at all: every decision against the row's true max (the seed is the max
+    over all its keys), the ideal any order could approach (``m`` never exceeds that max)."""
+    ref._diagonal_seed = {"diag": _diagonal_seed, "left": lambda *args: None, "oracle": _row_max_seed}[order]
 
 
 def main():
@@ -43,6 +56,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results",
                                                   "diagonal_first_kl_smollm2_cpu.json"))
     ap.add_argument("--calibrate", metavar="CALIB_OUT", help="calibrate with the order, then evaluate its budgets")
+    ap.add_argument("--order", choices=("diag", "left", "oracle"), default="diag", help="the order --calibrate uses")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7])
     args = ap.parse_args()
     model, tok = load_smollm2()
@@ -50,12 +64,12 @@ def main():
     cfg = model.config
     rows = []
     if args.calibrate:
-        use_order("diag")
+        use_order(args.order)
         calib = calibration.calibrate(model, tok, phase="prefill", lengths=[4096], texts_per_length=2)
         calib.save(args.calibrate)
         configs, _ = configs_from_calibration(calib, args.targets, ["uniform", "layer-budget", "head-budget"])
         for r in next_token_fidelity(model, ids, configs, args.last_n)[1:]:
-            rows.append({"order": "diag", "config": r.label, "factor": r.prefill_factor_median, "sparsity": r.sparsity,
+            rows.append({"order": args.order, "config": r.label, "factor": r.prefill_factor_median, "sparsity": r.sparsity,
                          "kl_mean": r.kl_mean, "kl_p99": r.kl_p99, "top1": r.top1})
             print(rows[-1], flush=True)
     else:
