@@ -111,9 +111,11 @@ def default_options(head_dim: int, head_dim_v: int, phase: str) -> KernelOptions
 _PREFILL_SMEM_BUDGET = 232448 - 2048
 
 
+@functools.lru_cache(maxsize=256)
 def _fit_stages(opts: KernelOptions, dk: int, dv: int, element_size: int) -> KernelOptions:
     """Fewer pipeline stages where the tiles would not fit in shared memory (float32 at d >= 128):
-    the tiles, and so the skip decisions, stay the caller's (stages change speed only)."""
+    the tiles, and so the skip decisions, stay the caller's (stages change speed only). Cached: it
+    runs on every call's host path, and ``dataclasses.replace`` costs ~4 µs."""
     stages = opts.num_stages
     while stages > 1 and element_size * (opts.block_m * dk + stages * opts.block_n * (dk + dv)) > _PREFILL_SMEM_BUDGET:
         stages -= 1

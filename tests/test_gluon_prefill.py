@@ -86,6 +86,20 @@ def test_work_list_only_where_the_grid_is_mostly_empty(lens, listed):
     assert gp.use_work_list(max(lens), sum(lens), len(lens)) is listed
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_descriptors_see_heads_as_columns(d):
+    import torch
+
+    q = torch.zeros(100, 4, d, dtype=torch.float16)
+    k, v = torch.zeros(100, 2, d, dtype=torch.float16), torch.zeros(100, 2, d, dtype=torch.float16)
+    dq, dk, dv = gp.make_descriptors(q, k, v, 128)
+    assert (dq.shape, dq.strides, dq.block_shape) == ([100, 4 * d], [4 * d, 1], [gp.HALF_M, d])
+    assert (dk.shape, dk.strides, dk.block_shape) == ([100, 2 * d], [2 * d, 1], [128, d])
+    assert dv.shape == dk.shape and dq.layout.swizzle_byte_width == 128 and dq.layout.element_bitwidth == 16
+    # The layouts are made once (host time per launch), not per call.
+    assert gp.make_descriptors(q, k, v, 128)[1].layout is dk.layout
+
+
 def test_lazy_v_needs_the_overlap_loop():
     rc, _, err = _compile_in_subprocess(True, prefix=False, overlap=False, lazy_v=2)
     assert rc != 0 and "lazy V loads need OVERLAP" in err
