@@ -89,7 +89,8 @@ def env_info() -> dict:
 
 
 def prefill_inputs(lens, hq, hkv, d, sharpness, seed=0):
-    parts = [synthetic_qkv(n, hq, hkv, d, seed=seed + i, local_peak=16 * sharpness, sink_peak=18 * sharpness) for i, n in enumerate(lens)]
+    parts = [synthetic_qkv(n, hq, hkv, d, seed=seed + i, local_peak=16 * sharpness, sink_peak=18 * sharpness, device=DEVICE)
+             for i, n in enumerate(lens)]
     q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
     return q, k, v, cu_seqlens(lens)
 
@@ -246,7 +247,7 @@ def decode_inputs(batch, ctx, hq, hkv, d, page_size, sharpness, seed=0, dv=None,
     if seq is None:
         stride = 97
         qs, ks, vs = synthetic_qkv(ctx + stride * (batch - 1), hq, hkv, d, seed=seed, local_peak=16 * sharpness,
-                                   sink_peak=18 * sharpness)
+                                   sink_peak=18 * sharpness, device=DEVICE)
     else:
         qs, ks, vs = seq
         stride = min(97, (ks.shape[0] - ctx) // max(batch - 1, 1))
