@@ -4,7 +4,7 @@ Splits count tile 0's scores as seen (``kernels/reference.py``), so the sparsity
 barely moves with the split count, and the count is free to fill the GPU. For each shape
 (``bench_kernels.decode_inputs``, synthetic sinks + local windows): the factor that skips ~70 % (and
 ~90 %) at the default split count, then dense and skip at the default
-(:func:`blasst_kernels.default_num_kv_splits`) and at each fixed count of ``--splits`` (up to 16
+(:func:`blasst_kernels.default_num_kv_splits`) and at each fixed count of ``--splits`` (up to 32
 programs per SM), the skip counters at each, and the copy-bandwidth yardstick. A bf16 kernel vs
 float32 reference check at 16/4/1 splits first. ``--graph`` times CUDA-graph replays, as served
 (small shapes are otherwise host-bound).
@@ -35,7 +35,7 @@ from blasst_kernels.reference import decode_split_len  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16)]
 MAX_SPLITS = 256
-MAX_CTAS_PER_SM = 16  # fixed split counts beyond this many programs per SM are not run
+MAX_CTAS_PER_SM = 32  # fixed split counts beyond this many programs per SM are not run
 
 
 def bench_graph(fn) -> float:
