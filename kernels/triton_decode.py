@@ -149,28 +149,33 @@ def decode_split_kernel(
 def decode_merge_kernel(
     part_o, part_lse, O, kv_indptr, num_splits_ptr, max_splits,
     stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h, stride_ob, stride_oh,
-    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr = 16,
 ):
+    """One (request, head): its splits' partial outputs merged by their lse, ``BLOCK_S`` splits per
+    step (a request may have tens of splits: one load after another would be a chain of latencies)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_len = tl.load(kv_indptr + seq + 1) - tl.load(kv_indptr + seq)
     n_splits = tl.minimum(tl.load(num_splits_ptr + seq), max_splits)
     split_len = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    n_used = tl.cdiv(kv_len, split_len)
     offs_dv = tl.arange(0, BLOCK_DV)
     po = part_o + seq.to(tl.int64) * stride_po_b + head * stride_po_h
     pl = part_lse + seq.to(tl.int64) * stride_pl_b + head * stride_pl_h
     m = float("-inf")
     denom = 0.0
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for s in range(0, tl.cdiv(kv_len, split_len)):
-        lse = tl.load(pl + s)
-        o = tl.load(po + s * stride_po_s + offs_dv)
+    for s0 in range(0, n_used, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        used = offs_s < n_used
+        lse = tl.load(pl + offs_s, mask=used, other=float("-inf"))
+        o = tl.load(po + offs_s[:, None] * stride_po_s + offs_dv[None, :], mask=used[:, None], other=0.0)
         # A split that skipped every tile has lse = −inf (any split may, the first included): weight 0.
-        m_new = tl.maximum(m, lse)
+        m_new = tl.maximum(m, tl.max(lse, 0))
         alpha = tl.where(m == m_new, 1.0, tl.math.exp2(m - m_new))
         w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - m_new))
-        acc = acc * alpha + w * o
-        denom = denom * alpha + w
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        denom = denom * alpha + tl.sum(w, 0)
         m = m_new
     tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_dv, (acc / denom).to(O.dtype.element_ty))
 

@@ -94,6 +94,15 @@ def test_decode_mixed_sparsity_and_splits(page_size, rng):
     assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
 
 
+def test_decode_merges_more_splits_than_one_merge_step(rng):
+    # Programs that walk every head of a request take tens of splits: the merge takes 16 a step.
+    hq, hkv = 8, 2
+    lens = [1200, 700]
+    ctx = make_decode(lens, hq, hkv, 64, 64, 16, torch.float32, rng)
+    sparsity = check_decode(ctx, hq, 4.0, [37, 16], KernelOptions(16, 16), torch.float32)
+    assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_splits_that_skip_every_tile(page_size, rng):
     # One sink key far above the rest for every head: splits after the first count tile 0's scores
