@@ -24,12 +24,12 @@ import os
 import sys
 
 import torch
-import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 
 from bench_kernels import decode_inputs, env_info, find_factor  # noqa: E402
+from decode_splits import bench_graph  # noqa: E402  (this folder: the script's own)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
 from blasst_kernels.api import _scale_tensor, default_num_kv_splits  # noqa: E402
@@ -48,11 +48,6 @@ def load_units_kernel(path=UNITS_KERNEL):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.gluon_decode
-
-
-def bench_graph(fn) -> float:
-    fn()
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 class Runner:
@@ -116,10 +111,9 @@ def run_shape(batch, ctx, page, new, units_list=UNITS, fixed=()):
     dst = torch.empty_like(src)
     copy_ms = bench_graph(lambda: dst.copy_(src))
     rows, checks = [], []
+    dense = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)[0], new)
     for target in (0.0, 0.7, 0.9):
-        factor, sharp = None, 1.0
-        data, _ = decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)
-        runner = Runner(data, new)
+        factor, sharp, runner = None, 1.0, dense
         if target:
             for sharp in (1.0, 1.6, 2.5):
                 if sharp != 1.0:
@@ -154,11 +148,11 @@ def main():
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.replace("p", "x").split("x")) for s in args.shapes.split(",")]
+    units = [int(u) for u in args.units.split(",") if u]
+    fixed = [(v.split(":")[0], int(v.split(":")[1].split("@")[0]), int(v.split("@")[1])) for v in args.fixed.split(",") if v]
     rows, checks = [], []
     for batch, ctx, page in shapes:
-        fixed = [(v.split(":")[0], int(v.split(":")[1].split("@")[0]), int(v.split("@")[1]))
-                 for v in args.fixed.split(",") if v]
-        r, c = run_shape(batch, ctx, page, new, [int(u) for u in args.units.split(",") if u], fixed)
+        r, c = run_shape(batch, ctx, page, new, units, fixed)
         rows += r
         checks += c
         for x in c:
