@@ -63,9 +63,7 @@ class KernelOptions:
     ``gluon_prefill.SPECULATE_BELOW`` (0.25) the Gluon prefill computes a tile's exponentials while
     its skip decision is still being voted, which costs nothing when the tile is kept and is
     wasted when it is skipped (H100: 0.99-1.00x dense speed with nothing skipped, against
-    0.90-0.94x; 15-17 % slower at ~70 %). Below ``triton_prefill.SPECULATE_BELOW`` the Triton
-    prefill computes every tile and selects a skipped tile's update away (no branch in its loop:
-    dense's pipeline). The decode ignores it.
+    0.90-0.94x; 15-17 % slower at ~70 %). The Triton kernels and the decode ignore it.
     """
 
     block_m: int
@@ -269,7 +267,7 @@ def extend_attention(
     Returns:
         ``out (N, Hq, Dv)`` in ``q``'s dtype, or ``(out, skip_map)``.
     """
-    from .triton_prefill import SPECULATE_BELOW as TRITON_SPECULATE_BELOW, launch_extend
+    from .triton_prefill import launch_extend
 
     _check_tensor("q", q, 3, q.device, _SUPPORTED_DTYPES)
     device = q.device
@@ -334,7 +332,6 @@ def extend_attention(
             skip=scale is not None, batch=batch, max_extend_len=int(max_extend_len),
             block_m=opts.block_m, block_n=opts.block_n, block_d=block_d, block_dpe=block_dpe, block_dv=block_dv,
             num_warps=opts.num_warps, num_stages=opts.num_stages,
-            speculate=opts.expected_sparsity is not None and opts.expected_sparsity < TRITON_SPECULATE_BELOW,
         )
     return (out, skip_map) if return_skip_map else out
 

@@ -11,8 +11,7 @@ reference's visiting order):
 Stages 2 and 3 may skip a tile (``SKIP`` constexpr): after ``S = QKᵀ``, when every valid row's tile
 max is ``< running max + log2 λ`` the tile's softmax update, V load and P·V are not done; the
 running max already holds the diagonal tiles', so the first tile is skippable too.
-``SKIP=False`` compiles the dense kernel from the same source. ``SPEC`` (a caller expecting to skip
-little, see :data:`SPECULATE_BELOW`) computes every tile and selects a skipped one's update away.
+``SKIP=False`` compiles the dense kernel from the same source.
 
 Stages 2 and 3 (the new tokens, most of the work) read K and V through TMA tensor descriptors when
 the launcher can make them (``TMA``): the descriptor holds the addressing, so the loop carries no
@@ -31,12 +30,6 @@ try:
 except ImportError:  # triton < 3.3: pointer loads only
     TensorDescriptor = None
 
-#: Expected sparsity below which skip mode speculates (``SPEC``). Prediction, from the H100 runs of
-#: the branching loop (``benchmarks/NOTES.md`` v10-v12: d=64, 0.82-0.85x dense with nothing skipped,
-#: 1.05x at ~50 %): speculating runs at about dense speed, so it pays below ~35 % skipped; set as
-#: the Gluon prefill's until measured.
-SPECULATE_BELOW = 0.25
-
 
 @triton.jit
 def _log2_lambda(scale_ptr, head, kv_len):
@@ -54,13 +47,9 @@ def _attn_tiles(
     map_ptr, tile0, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
     GATHER: tl.constexpr, DIAGONAL: tl.constexpr, MASK_N: tl.constexpr, SKIP: tl.constexpr,
-    SPEC: tl.constexpr, RECORD_MAP: tl.constexpr, TMA: tl.constexpr,
+    RECORD_MAP: tl.constexpr, TMA: tl.constexpr,
 ):
     """Key tiles ``[lo, hi)`` of one segment (segment-local positions; ``seg_len`` real keys).
-
-    ``SPEC`` (with ``SKIP``): every tile is computed, V loaded and P·V done whatever the decision,
-    and a skipped tile's update is selected away: the same result and decisions, at dense speed
-    when little is skipped (an ``if`` around the update breaks the software pipeline).
 
     ``TMA``: K/V tiles come from ``k_desc``/``v_desc`` at row ``desc_row + start``, column ``desc_col``
     (contiguous segments only: no ``GATHER`` or ``BLOCK_DPE``; with ``MASK_N`` the rows past
@@ -96,17 +85,10 @@ def _attn_tiles(
             # Keep the tile when any valid row may matter: m̃ − m ≥ log2 λ (first tile: m = −inf).
             matters = (m_ij - m_i >= log2_lam) & row_ok
             keep = tl.max(matters.to(tl.int32), 0)
-        run = keep
-        if SPEC:
-            run = 1  # no branch: the software pipeline stays as dense's
-        if run:
+        if keep:
             m_new = tl.maximum(m_i, m_ij)
-            if SPEC:  # a skipped tile leaves m (finite: an earlier tile was kept) and adds p = 0
-                m_new = tl.where(keep > 0, m_new, m_i)
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(qk - m_new[:, None])
-            if SPEC:
-                p = tl.where(keep > 0, p, 0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
             if TMA:
                 v = v_desc.load([desc_row + start, desc_col])
@@ -136,7 +118,7 @@ def extend_fwd_kernel(
     stride_map_b, stride_map_h, stride_map_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, SKIP: tl.constexpr, SPEC: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
+    CAUSAL: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, RECORD_MAP: tl.constexpr,
     TMA: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -191,7 +173,7 @@ def extend_fwd_kernel(
             k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
             off_hi, diag_hi, ext_len, prefix_len,
             map_row, n_prefix_tiles + off_hi // BLOCK_N, qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, True, False, False, RECORD_MAP, TMA,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, True, True, False, RECORD_MAP, TMA,
         )
     # Stage 2: the cached prefix, through the paged buffers (compiled out when no sequence has one).
     if HAS_PREFIX:
@@ -200,7 +182,7 @@ def extend_fwd_kernel(
             K_buf + kv_head * stride_bkh, V_buf + kv_head * stride_bvh, stride_bkt, stride_bvt, kv_indices + kv_start,
             k_desc, v_desc, 0, 0,
             0, prefix_len, prefix_len, 0, map_row, 0, qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, SPEC, RECORD_MAP, False,
+            BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, True, False, True, SKIP, RECORD_MAP, False,
         )
     # Stage 3: new tokens in whole tiles left of the block's first row.
     acc, l_i, m_i, n_skip = _attn_tiles(
@@ -208,7 +190,7 @@ def extend_fwd_kernel(
         K_seg, V_seg, stride_kt, stride_vt, kv_indices,
         k_desc, v_desc, q_start.to(tl.int32), kv_head * BLOCK_D,
         0, off_hi, ext_len, prefix_len, map_row, n_prefix_tiles, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, SPEC, RECORD_MAP, TMA,
+        BLOCK_N, BLOCK_D, BLOCK_DPE, BLOCK_DV, False, False, not CAUSAL, SKIP, RECORD_MAP, TMA,
     )
 
     out = acc / l_i[:, None]
@@ -223,10 +205,9 @@ def extend_fwd_kernel(
 def launch_extend(
     q, k, v, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices, scale, stats, skip_map,
     *, sm_scale, causal, skip, batch, max_extend_len, block_m, block_n, block_d, block_dpe, block_dv,
-    num_warps, num_stages, speculate=False,
+    num_warps, num_stages,
 ):
-    """Launch :func:`extend_fwd_kernel`; arguments are validated by :mod:`blasst_kernels.api`.
-    ``speculate``: skip mode computes every tile and selects (``SPEC``, see :func:`_attn_tiles`)."""
+    """Launch :func:`extend_fwd_kernel`; arguments are validated by :mod:`blasst_kernels.api`."""
     num_heads = q.shape[1]
     grid = (-(-max_extend_len // block_m), num_heads, batch)  # not triton.cdiv: ~2 µs on the host
     map_strides = skip_map.stride()[:3] if skip_map is not None else (0, 0, 0)
@@ -242,7 +223,7 @@ def launch_extend(
         out.stride(0), out.stride(1),
         *map_strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv,
-        CAUSAL=causal, SKIP=skip, SPEC=skip and speculate, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
+        CAUSAL=causal, SKIP=skip, COUNT=stats is not None, RECORD_MAP=skip_map is not None,
         TMA=k_desc is not None, HAS_PREFIX=kv_indices.numel() > 0, num_warps=num_warps, num_stages=num_stages,
     )
 

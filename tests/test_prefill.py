@@ -115,20 +115,3 @@ def test_dense_mode_skips_nothing(rng):
                          batch.kv_indptr, batch.kv_indices, threshold_scale_factor=factor, stats=stats,
                          options=KernelOptions(16, 16))
         assert int(stats[:, 1].sum()) == 0 and int(stats[:, 0].sum()) > 0
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_speculating_matches_deciding(causal, dtype, rng):
-    """A caller expecting little sparsity gets the branch-free loop (every tile computed, a skipped
-    tile's update selected away): the reference's decisions and output, and the same bits as the
-    branching loop, on data where many tiles are skipped."""
-    batch = make_batch([45, 0, 131], [77, 33, 1], 8, 2, 64, 64, 16, dtype, rng, sink_growth=0.5)
-    opts = KernelOptions(32, 16)
-    spec = replace(opts, expected_sparsity=0.0)
-    sparsity = check_extend(batch, 8, 2.0, spec, causal=causal, dtype=dtype)
-    assert 0.05 < sparsity < 0.95, f"test data should give mixed decisions, got sparsity {sparsity:.2f}"
-    runs = [extend_attention(batch.q, batch.k, batch.v, batch.k_buffer, batch.v_buffer, batch.qo_indptr,
-                             batch.kv_indptr, batch.kv_indices, causal=causal, threshold_scale_factor=2.0, options=o)
-            for o in (opts, spec)]
-    assert torch.equal(runs[0], runs[1])
