@@ -32,14 +32,14 @@ from bench_kernels import decode_inputs, env_info, find_factor  # noqa: E402
 from decode_splits import bench_graph  # noqa: E402  (this folder: the script's own)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
-from blasst_kernels.api import _scale_tensor, default_num_kv_splits  # noqa: E402
+from blasst_kernels.api import _scale_tensor, default_num_kv_splits, workspace_kv_splits  # noqa: E402
 
 UNITS_KERNEL = os.path.join(HERE, "gluon_decode_units.py")
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1)]
 UNITS = (1, 2, 4, 8)
-MAX_SPLITS = 256
+MAX_SPLITS = 256  # the most splits any split rule here may give a request
 
 
 def load_units_kernel(path=UNITS_KERNEL):
@@ -51,15 +51,21 @@ def load_units_kernel(path=UNITS_KERNEL):
 
 
 class Runner:
-    """One shape's inputs and preallocated workspaces; ``call(kind, units, factor, splits)``."""
+    """One shape's inputs and preallocated workspaces; ``call(kind, units, factor, splits)``.
 
-    def __init__(self, data, new):
+    ``max_splits`` sizes the workspaces and is the grid's split dimension: programs past a request's
+    splits exit at once but still cost (H100, 128x8K: a grid of 256 splits, 262K programs for 1K
+    real ones, took ~0.1 ms more than one of 16; ``benchmarks/NOTES.md`` v15), so keep it near the
+    API's (:func:`blasst_kernels.api.workspace_kv_splits`)."""
+
+    def __init__(self, data, new, max_splits):
         self.q, self.kb, self.vb, self.indptr, self.idx = data
         self.batch = self.q.shape[0]
         self.new = new
+        self.max_splits = max_splits
         self.out = torch.empty_like(self.q)
-        self.part_o = torch.empty(self.batch, HQ, MAX_SPLITS, D, device="cuda")
-        self.part_lse = torch.empty(self.batch, HQ, MAX_SPLITS, device="cuda")
+        self.part_o = torch.empty(self.batch, HQ, max_splits, D, device="cuda")
+        self.part_lse = torch.empty(self.batch, HQ, max_splits, device="cuda")
         self.lens = self.indptr[1:] - self.indptr[:-1]
 
     def splits(self, units):
@@ -73,7 +79,7 @@ class Runner:
             sp = torch.full((self.batch,), sp, dtype=torch.int32, device="cuda")
         scale = None if factor is None else _scale_tensor(factor, HQ, self.q.device)
         kw = dict(sm_scale=D ** -0.5, heads_per_tile=HQ // HKV, tiles_per_group=1)
-        args = (self.q, self.kb, self.vb, self.out, self.part_o, self.part_lse, self.indptr, self.idx, sp, MAX_SPLITS,
+        args = (self.q, self.kb, self.vb, self.out, self.part_o, self.part_lse, self.indptr, self.idx, sp, self.max_splits,
                 scale, stats)
         if kind == "old":
             gd.gluon_decode(*args, **kw)
@@ -103,21 +109,32 @@ def check(runner, factor, units_list):
     return rows
 
 
-def run_shape(batch, ctx, page, new, units_list=UNITS, fixed=()):
-    """``fixed``: more variants as (kind, units, splits of every request)."""
-    shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page}
+def grid_splits(batch, ctx, units_list, fixed) -> int:
+    """The API's workspace bound for this batch, raised to the most splits any variant here uses."""
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    # (the factor bisection runs the variant at HKV units)
+    need = [int(default_num_kv_splits(lens, HKV // u, gd.BLOCK_N // u, MAX_SPLITS).max()) for u in (1, HKV, *units_list)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return max(workspace_kv_splits(batch, HKV, sms), *need, *(sp for _, _, sp in fixed))
+
+
+def run_shape(batch, ctx, page, new, units_list=UNITS, fixed=(), max_splits=None):
+    """``fixed``: more variants as (kind, units, splits of every request); ``max_splits``: the grid's
+    split dimension (default :func:`grid_splits`)."""
+    max_splits = max_splits or grid_splits(batch, ctx, units_list, fixed)
+    shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page, "grid_splits": max_splits}
     kv_bytes = 2 * batch * ctx * HKV * D * 2
     src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = bench_graph(lambda: dst.copy_(src))
     rows, checks = [], []
-    dense = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)[0], new)
+    dense = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)[0], new, max_splits)
     for target in (0.0, 0.7, 0.9):
         factor, sharp, runner = None, 1.0, dense
         if target:
             for sharp in (1.0, 1.6, 2.5):
                 if sharp != 1.0:
-                    runner = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, sharp)[0], new)
+                    runner = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, sharp)[0], new, max_splits)
                 factor, got = find_factor(lambda f, st: runner.call("new", HKV, f, stats=st), HQ, target, ctx / 2)
                 if abs(got - target) < 0.05:
                     break
