@@ -4,8 +4,8 @@ The landed grid is ``(request, decode tile of heads, split)``, requests fastest.
 
 - **heads fastest** (grid ``(tile of heads, request, split)``): the programs that read the same
   tokens' K and V rows (one 256-byte slice of each 2 KB token row per KV head) start side by side.
-  v14 (``decode_units.py``) found that programs walking every head of a split in turn lost ground
-  the more heads they walked, at 16x64K and 32x32K; one candidate is DRAM locality.
+  v14 found that programs walking every head of a split in turn lost ground the more heads they
+  walked, at 16x64K and 32x32K; one candidate is DRAM locality.
 - **heavy heads first**: a 1-D grid over a table of (request, tile, split), the KV heads that keep
   the most V tiles at this factor first (all their splits), then the next head's. At ~70 % the KV
   heads keep 3-100 % of their tiles (``decode_head_imbalance_cpu.py``); a list schedule predicted
@@ -15,9 +15,9 @@ The landed grid is ``(request, decode tile of heads, split)``, requests fastest.
 
 Both are the landed kernel's source with the program ids (and the grid) rewritten, written to a
 temporary file (Triton needs a source file). Same programs, so outputs and counters must equal the
-landed kernel's. ``decode_units.run_shape`` drives them, every variant at the landed split rule: its
-"units" 1 is heads fastest, 2 heavy heads first (any other, as its factor bisection passes, heads
-fastest); ``--fixed N`` adds split counts for the landed order and heads fastest.
+landed kernel's; each P4 shape (``bench_kernels.decode_inputs``) checks that at ~70 % and ~90 %,
+then times every order dense and at those factors, CUDA-graph replays, at the landed split rule;
+``--fixed N`` adds split counts for the landed order and heads fastest.
 
     bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_launch_order.py --out $OUT
 """
@@ -34,13 +34,17 @@ import tempfile
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 
-import decode_units as du  # noqa: E402
-from bench_kernels import env_info  # noqa: E402
+from bench_kernels import bench_graph, decode_inputs, env_info, find_factor  # noqa: E402
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
+from blasst_kernels.api import _scale_tensor, default_num_kv_splits, workspace_kv_splits  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+SHAPES = [(16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1)]
+RULE_SPLITS = 256  # the split rule's bound; the grid's is the API's (see Runner)
+LANDED = "requests fastest"
 
 HEADS_FASTEST = (
     ("    seq = gl.program_id(0)\n", "    seq = gl.program_id(1)\n"),
@@ -84,17 +88,15 @@ def heavy_first_table(splits, kv_tiles, kept, device):
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1).contiguous()
 
 
-def make_launch():
-    """``launch(*args, units_per_program, **kw)`` as ``decode_units.Runner`` calls its variant."""
+def make_variants():
+    """``{name: launch}``, each called as :func:`blasst_kernels.gluon_decode.gluon_decode`."""
     heads_fastest = load_variant("heads_fastest", HEADS_FASTEST)
     table = load_variant("table", TABLE)
     tables = {}  # (scale table, inputs) -> order; a factor's table is cached by value in the API
 
-    def launch(*args, units_per_program, **kw):
-        if units_per_program != 2:
-            return heads_fastest.gluon_decode(*args, **kw)
+    def heavy_first(*args, **kw):
         q, kb, splits, scale = args[0], args[1], args[8], args[10]
-        # Split counts are the shape's rule: the same at every call with these inputs.
+        # Every call with these inputs runs the landed split rule, so the first call's table holds.
         key = (None if scale is None else scale.data_ptr(), q.data_ptr(), kb.data_ptr(), q.shape, kb.shape)
         if key not in tables:  # outside any graph capture: bench_graph calls once first
             tiles = kb.shape[1] * kw["tiles_per_group"]
@@ -108,44 +110,118 @@ def make_launch():
         table.ORDER = tables[key]
         table.gluon_decode(*args, **kw)
 
-    return launch
+    return {LANDED: gd.gluon_decode, "heads fastest": heads_fastest.gluon_decode, "heavy heads first": heavy_first}
+
+
+class Runner:
+    """One shape's inputs and preallocated workspaces; ``call(variant, factor, splits)``.
+
+    ``max_splits`` sizes the workspaces and is the grid's split dimension: programs past a request's
+    splits exit at once but still cost (H100, 128x8K: a grid of 256 splits, 262K programs for 1K
+    real ones, took ~0.1 ms more than one of 16; ``benchmarks/NOTES.md`` v15), so it is the API's
+    (:func:`blasst_kernels.api.workspace_kv_splits`), raised to any fixed split count."""
+
+    def __init__(self, data, variants, max_splits):
+        self.q, self.kb, self.vb, self.indptr, self.idx = data
+        self.batch = self.q.shape[0]
+        self.variants = variants
+        self.max_splits = max_splits
+        dev = self.q.device
+        self.out = torch.empty_like(self.q)
+        self.part_o = torch.empty(self.batch, HQ, max_splits, D, device=dev)
+        self.part_lse = torch.empty(self.batch, HQ, max_splits, device=dev)
+        self.lens = self.indptr[1:] - self.indptr[:-1]
+
+    def splits(self):
+        """The landed rule's splits per request."""
+        return default_num_kv_splits(self.lens, HKV, gd.BLOCK_N, RULE_SPLITS)
+
+    def call(self, variant, factor, splits=None, stats=None):
+        sp = self.splits() if splits is None else splits
+        if isinstance(sp, int):  # a fixed count for every request
+            sp = torch.full((self.batch,), sp, dtype=torch.int32, device=self.q.device)
+        scale = None if factor is None else _scale_tensor(factor, HQ, self.q.device)
+        self.variants[variant](self.q, self.kb, self.vb, self.out, self.part_o, self.part_lse, self.indptr, self.idx,
+                               sp, self.max_splits, scale, stats, sm_scale=D ** -0.5, heads_per_tile=HQ // HKV,
+                               tiles_per_group=1)
+        return self.out
+
+    def counters(self, variant, factor, splits=None):
+        stats = torch.zeros(HQ, 2, dtype=torch.int32, device=self.q.device)
+        self.call(variant, factor, splits, stats)
+        return stats
+
+
+def check(runner, factor):
+    """At the landed rule's splits: every order's output and counters against the landed kernel's."""
+    want = runner.call(LANDED, factor).clone()
+    want_stats = runner.counters(LANDED, factor)
+    rows = []
+    for name in runner.variants:
+        if name != LANDED:
+            diff = float((runner.call(name, factor).float() - want.float()).abs().max())
+            same = torch.equal(runner.counters(name, factor), want_stats)
+            rows.append({"variant": name, "max_abs_diff": diff, "counters_equal": same, "ok": same and diff < 2e-2})
+    return rows
+
+
+def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None):
+    """``fixed``: more rows as (variant, splits of every request); ``max_splits``: the grid's split
+    dimension (default: the API's workspace bound, raised to the fixed counts)."""
+    if not max_splits:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        max_splits = max(workspace_kv_splits(batch, HKV, sms), *(sp for _, sp in fixed))
+    shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page, "grid_splits": max_splits}
+    dense = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)[0], variants, max_splits)
+    kv_bytes = 2 * batch * ctx * HKV * D * 2
+    src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dense.q.device)
+    dst = torch.empty_like(src)
+    copy_ms = bench_graph(lambda: dst.copy_(src))
+    rows, checks = [], []
+    for target in (0.0, 0.7, 0.9):
+        factor, sharp, runner = None, 1.0, dense
+        if target:
+            for sharp in (1.0, 1.6, 2.5):
+                if sharp != 1.0:
+                    runner = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, sharp)[0], variants, max_splits)
+                factor, got = find_factor(lambda f, st: runner.call(LANDED, f, stats=st), HQ, target, ctx / 2)
+                if abs(got - target) < 0.05:
+                    break
+            checks += [{**shape, "target": target, **c} for c in check(runner, factor)]
+        for name, sp in [(v, None) for v in variants] + list(fixed):
+            ms = bench_graph(lambda: runner.call(name, factor, sp))
+            st = runner.counters(name, factor, sp).sum(0).tolist()
+            rows.append({**shape, "kernel": name + ("" if sp is None else f" @{sp}"), "target": target,
+                         "factor": factor, "data_sharpness": sharp,
+                         "splits": int(runner.splits()[0]) if sp is None else sp,
+                         "sparsity": st[1] / max(st[0], 1), "ms": ms, "x_copy": copy_ms / ms})
+        rows.append({**shape, "kernel": "copy (bw ref)", "target": target, "ms": copy_ms, "x_copy": 1.0})
+    return rows, checks
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "experiments"))
     ap.add_argument("--shapes", default="", help="BATCHxCTXpPAGE,... (default: the P4 five)")
-    ap.add_argument("--fixed", default="", help="split counts for both orders: N,N,...")
+    ap.add_argument("--fixed", default="", help="split counts for the landed order and heads fastest: N,N,...")
     ap.add_argument("--max-splits", type=int, default=None,
                     help="the grid's split dimension (programs past a request's splits exit at once); "
-                         "default: the API's workspace bound, raised to the splits any variant uses")
+                         "default: the API's workspace bound, raised to the fixed counts")
     args = ap.parse_args()
-    shapes = du.SHAPES
+    shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.replace("p", "x").split("x")) for s in args.shapes.split(",")]
-    fixed = [(kind, 1, int(n)) for n in args.fixed.split(",") if n for kind in ("old", "new")]
-    launch = make_launch()
-    # Every variant at the landed rule's splits (du's rule for "units" 2 would cut finer), so the
-    # table cached at the first call with these inputs stays right.
-    landed_splits = du.Runner.splits
-    du.Runner.splits = lambda self, units: landed_splits(self, 1)
+    fixed = [(name, int(n)) for n in args.fixed.split(",") if n for name in (LANDED, "heads fastest")]
+    variants = make_variants()
     rows, checks = [], []
     for batch, ctx, page in shapes:
-        r, c = du.run_shape(batch, ctx, page, launch, (1, 2), fixed, args.max_splits)
+        r, c = run_shape(batch, ctx, page, variants, fixed, args.max_splits)
         rows += r
         checks += c
-    names = {"old units=1": "requests fastest", "new units=1": "heads fastest", "new units=2": "heavy heads first"}
-    for r in rows + checks:  # du's names
-        if "kernel" in r:
-            name, at, sp = r["kernel"].partition(" @")
-            r["kernel"] = names.get(name, name) + at + sp
-        if "units" in r:
-            r["variant"] = names[f"new units={r['units']}"]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_launch_order.json"), "w") as f:
         json.dump({"env": env_info(), "rows": rows, "checks": checks}, f, indent=1)
-    base = {(r["batch"], r["ctx"], r["page_size"], r["target"]): r["ms"] for r in rows
-            if r["kernel"] == "requests fastest"}
+    base = {(r["batch"], r["ctx"], r["page_size"], r["target"]): r["ms"] for r in rows if r["kernel"] == LANDED}
     print(f"{'shape':>16} {'target':>6} {'kernel':>22} {'splits':>6} {'sparsity':>8} {'ms':>8} {'x copy':>7} {'x landed':>8}")
     for r in rows:
         b = base[(r["batch"], r["ctx"], r["page_size"], r["target"])]
