@@ -36,10 +36,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 
-from bench_kernels import bench_graph, decode_inputs, env_info, find_factor  # noqa: E402
+from bench_kernels import DEVICE, bench_graph, decode_inputs, env_info, find_factor  # noqa: E402
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
-from blasst_kernels.api import _scale_tensor, default_num_kv_splits, workspace_kv_splits  # noqa: E402
+from blasst_kernels.api import _scale_tensor, _sm_count, default_num_kv_splits, workspace_kv_splits  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(16, 65536, 16), (32, 32768, 16), (64, 16384, 1), (128, 8192, 16), (128, 8192, 1)]
@@ -168,9 +168,8 @@ def check(runner, factor):
 def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None):
     """``fixed``: more rows as (variant, splits of every request); ``max_splits``: the grid's split
     dimension (default: the API's workspace bound, raised to the fixed counts)."""
-    if not max_splits:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        max_splits = max(workspace_kv_splits(batch, HKV, sms), *(sp for _, sp in fixed))
+    if not max_splits:  # as decode_attention sizes its workspaces
+        max_splits = max(workspace_kv_splits(batch, HKV, _sm_count(torch.device(DEVICE))), *(sp for _, sp in fixed))
     shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page, "grid_splits": max_splits}
     dense = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)[0], variants, max_splits)
     kv_bytes = 2 * batch * ctx * HKV * D * 2
