@@ -169,7 +169,7 @@ def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None):
     """``fixed``: more rows as (variant, splits of every request); ``max_splits``: the grid's split
     dimension (default: the API's workspace bound, raised to the fixed counts)."""
     if not max_splits:  # as decode_attention sizes its workspaces
-        max_splits = max(workspace_kv_splits(batch, HKV, _sm_count(torch.device(DEVICE))), *(sp for _, sp in fixed))
+        max_splits = max([workspace_kv_splits(batch, HKV, _sm_count(torch.device(DEVICE)))] + [sp for _, sp in fixed])
     shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page, "grid_splits": max_splits}
     dense = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, 1.0)[0], variants, max_splits)
     kv_bytes = 2 * batch * ctx * HKV * D * 2
