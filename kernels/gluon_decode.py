@@ -85,9 +85,10 @@ def gluon_decode_kernel(
 
     # Copies: 16 bytes per thread, a row of HEAD_D in HEAD_D // 8 vectors. Products: mma_v2 with the
     # warps side by side along N (the tile's keys for S, the head dim for P·V).
-    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_D // 8), HEAD_D // 8], [4, 1], [1, 0])
+    NW: gl.constexpr = gl.num_warps()
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_D // 8), HEAD_D // 8], [NW, 1], [1, 0])
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
     ROW: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -218,7 +219,7 @@ def gluon_decode(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     part_o: torch.Tensor, part_lse: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     num_splits: torch.Tensor, max_splits: int, scale, stats, *, sm_scale: float, heads_per_tile: int,
-    tiles_per_group: int, block_n: int = BLOCK_N, num_k_stages: int = 2,
+    tiles_per_group: int, block_n: int = BLOCK_N, num_k_stages: int = 2, num_warps: int = 4,
 ) -> None:
     """Launch the split kernel and the merge; arguments are validated by :mod:`blasst_kernels.api`.
 
@@ -228,6 +229,13 @@ def gluon_decode(
     ``scale (Hq,)`` float32 or ``None`` (dense); ``stats (Hq, 2)`` int32 or ``None``;
     ``part_o``/``part_lse`` float32 workspaces of at least ``(B, Hq, max_splits, D)`` /
     ``(B, Hq, max_splits)``.
+
+    ``num_warps``: 4 (three CTAs per SM, 134-150 registers) or 8 (two CTAs per SM, capped at 128
+    registers; ptxas takes 124-128 alone). H100, d=128 (``benchmarks/NOTES.md`` v16,
+    ``experiments/decode_warps.py``): 8 warps ran dense 1.04x on 64x16K p1 and 128x8K (1,024
+    programs: 2.6 waves of three CTAs per SM, 3.9 of two), level on 16x64K and 32x32K, 0.99-1.05x at
+    ~70 % skipped and 0.94-0.97x at ~90 %. Not the API's choice yet: its dense build has no GPU check
+    against the reference (the skip build's outputs and counters equal the 4-warp kernel's).
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_buffer.shape[1]
@@ -240,7 +248,7 @@ def gluon_decode(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         BLOCK_H=BLOCK_H, BLOCK_N=block_n, HEAD_D=head_dim, NK=num_k_stages, SKIP=scale is not None,
-        COUNT=stats is not None, num_warps=4,
+        COUNT=stats is not None, num_warps=num_warps, maxnreg=128 if num_warps == 8 else None,
     )
     decode_merge_kernel[(batch, num_heads)](
         part_o, part_lse, out, kv_indptr, num_splits, max_splits,

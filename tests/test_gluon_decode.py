@@ -1,5 +1,5 @@
 """The Gluon (sm_90) decode on a machine without a GPU: each build compiles for sm_90 with nothing
-spilled and fits three CTAs per SM (what its speed rests on). Compiles run in a subprocess, as in
+spilled and fits three 4-warp or two 8-warp CTAs per SM (what its speed rests on). Compiles run in a subprocess, as in
 ``test_gluon_prefill.py`` (under ``TRITON_INTERPRET=1`` a ``gluon.jit`` function cannot be compiled).
 
 Its numerics are checked against the reference on an H100 by ``benchmarks/check_kernels_gpu.py``
@@ -18,10 +18,10 @@ gd = pytest.importorskip("blasst_kernels.gluon_decode")
 triton = pytest.importorskip("triton")
 
 SM90_REGS, SM90_SMEM = 65536, 232448  # per SM
-CTA_THREADS = 128
+CTAS_PER_SM = {4: 3, 8: 2}  # by warps per program: 12 or 16 warps per SM
 
 
-def _compile(head_dim, skip, idx):
+def _compile(head_dim, skip, idx, warps):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -33,7 +33,8 @@ def _compile(head_dim, skip, idx):
     # The launcher's divisibility-16 specialisation of pointers and strides (cp.async needs 16 bytes).
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride")}
     src = GluonASTSource(gd.gluon_decode_kernel, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    opts = {"num_warps": warps, **({"maxnreg": 128} if warps == 8 else {})}  # as gluon_decode launches
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def _resources(cubin: bytes) -> dict:
@@ -47,17 +48,19 @@ def _resources(cubin: bytes) -> dict:
     return {"regs": int(re.search(r"REG:(\d+)", text).group(1)), "stack": int(re.search(r"STACK:(\d+)", text).group(1))}
 
 
-@pytest.mark.parametrize("head_dim", gd.HEAD_DIMS)
-@pytest.mark.parametrize("skip,idx", [(False, "i32"), (True, "i32"), (True, "i64")], ids=["dense", "skip", "skip-i64"])
-def test_compiles_for_sm90_three_ctas_per_sm(head_dim, skip, idx):
+@pytest.mark.parametrize("head_dim,skip,idx,warps", [
+    *[(d, skip, idx, 4) for d in gd.HEAD_DIMS for skip, idx in [(False, "i32"), (True, "i32"), (True, "i64")]],
+    (128, False, "i32", 8), (128, True, "i32", 8)])
+def test_compiles_for_sm90_with_its_ctas_per_sm(head_dim, skip, idx, warps):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, __file__, json.dumps([head_dim, skip, idx])], env=env,
+    proc = subprocess.run([sys.executable, __file__, json.dumps([head_dim, skip, idx, warps])], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.splitlines()[-1])
     assert info["mma"] and info["cp_async"] and not info["local"], info
-    assert info["stack"] == 0 and info["regs"] * CTA_THREADS * 3 <= SM90_REGS, info
-    assert 3 * (info["shared"] + 1024) <= SM90_SMEM, info  # 1 KB reserved per CTA
+    ctas = CTAS_PER_SM[warps]
+    assert info["stack"] == 0 and info["regs"] * 32 * warps * ctas <= SM90_REGS, info
+    assert ctas * (info["shared"] + 1024) <= SM90_SMEM, info  # 1 KB reserved per CTA
 
 
 if __name__ == "__main__":  # one compile, a JSON summary on the last line
