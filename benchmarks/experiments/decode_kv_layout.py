@@ -17,17 +17,13 @@ Timing as ``decode_launch_order.py`` (CUDA-graph replays, the landed split rule,
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from decode_launch_order import LANDED, SHAPES, run_shape  # noqa: E402  (also puts benchmarks/ on the path)
-
-from bench_kernels import env_info  # noqa: E402
+from decode_launch_order import LANDED, experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
 
@@ -53,29 +49,7 @@ def make_variants():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "experiments"))
-    ap.add_argument("--shapes", default="", help="BATCHxCTXpPAGE,... (default: the P4 five)")
-    args = ap.parse_args()
-    shapes = SHAPES
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.replace("p", "x").split("x")) for s in args.shapes.split(",")]
-    variants = make_variants()
-    rows, checks = [], []
-    for batch, ctx, page in shapes:
-        r, c = run_shape(batch, ctx, page, variants)
-        rows += r
-        checks += c
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_kv_layout.json"), "w") as f:
-        json.dump({"env": env_info(), "rows": rows, "checks": checks}, f, indent=1)
-    base = {(r["batch"], r["ctx"], r["page_size"], r["target"]): r["ms"] for r in rows if r["kernel"] == LANDED}
-    print(f"{'shape':>16} {'target':>6} {'kernel':>18} {'sparsity':>8} {'ms':>8} {'x copy':>7} {'x landed':>8}")
-    for r in rows:
-        b = base[(r["batch"], r["ctx"], r["page_size"], r["target"])]
-        print(f"{r['batch']:>4}x{r['ctx']:<6}p{r['page_size']:<3} {r['target']:>6.1f} {r['kernel']:>18} "
-              f"{r.get('sparsity', 0):>8.3f} {r['ms']:>8.4f} {r['x_copy']:>7.3f} {b / r['ms']:>8.3f}")
-    print("checks ok (head-major = landed, outputs and counters):", sum(c["ok"] for c in checks), "/", len(checks))
+    run_experiment(make_variants(), "decode_kv_layout", experiment_parser(__doc__).parse_args())
 
 
 if __name__ == "__main__":

@@ -198,27 +198,27 @@ def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None):
     return rows, checks
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def experiment_parser(doc):
+    """``--out`` and ``--shapes``, shared by the decode experiments built on :func:`run_shape`."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "experiments"))
     ap.add_argument("--shapes", default="", help="BATCHxCTXpPAGE,... (default: the P4 five)")
-    ap.add_argument("--fixed", default="", help="split counts for the landed order and heads fastest: N,N,...")
-    ap.add_argument("--max-splits", type=int, default=None,
-                    help="the grid's split dimension (programs past a request's splits exit at once); "
-                         "default: the API's workspace bound, raised to the fixed counts")
-    args = ap.parse_args()
+    return ap
+
+
+def run_experiment(variants, name, args, fixed=(), max_splits=None):
+    """:func:`run_shape` over ``args.shapes``; writes ``args.out/name.json`` and prints one table
+    (each row × the landed kernel's time at the same shape and level)."""
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.replace("p", "x").split("x")) for s in args.shapes.split(",")]
-    fixed = [(name, int(n)) for n in args.fixed.split(",") if n for name in (LANDED, "heads fastest")]
-    variants = make_variants()
     rows, checks = [], []
     for batch, ctx, page in shapes:
-        r, c = run_shape(batch, ctx, page, variants, fixed, args.max_splits)
+        r, c = run_shape(batch, ctx, page, variants, fixed, max_splits)
         rows += r
         checks += c
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_launch_order.json"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"env": env_info(), "rows": rows, "checks": checks}, f, indent=1)
     base = {(r["batch"], r["ctx"], r["page_size"], r["target"]): r["ms"] for r in rows if r["kernel"] == LANDED}
     print(f"{'shape':>16} {'target':>6} {'kernel':>22} {'splits':>6} {'sparsity':>8} {'ms':>8} {'x copy':>7} {'x landed':>8}")
@@ -226,7 +226,18 @@ def main():
         b = base[(r["batch"], r["ctx"], r["page_size"], r["target"])]
         print(f"{r['batch']:>4}x{r['ctx']:<6}p{r['page_size']:<3} {r['target']:>6.1f} {r['kernel']:>22} "
               f"{r.get('splits', ''):>6} {r.get('sparsity', 0):>8.3f} {r['ms']:>8.4f} {r['x_copy']:>7.3f} {b / r['ms']:>8.3f}")
-    print("checks ok (each order = landed, outputs and counters):", sum(c["ok"] for c in checks), "/", len(checks))
+    print("checks ok (each variant = landed, outputs and counters):", sum(c["ok"] for c in checks), "/", len(checks))
+
+
+def main():
+    ap = experiment_parser(__doc__)
+    ap.add_argument("--fixed", default="", help="split counts for the landed order and heads fastest: N,N,...")
+    ap.add_argument("--max-splits", type=int, default=None,
+                    help="the grid's split dimension (programs past a request's splits exit at once); "
+                         "default: the API's workspace bound, raised to the fixed counts")
+    args = ap.parse_args()
+    fixed = [(name, int(n)) for n in args.fixed.split(",") if n for name in (LANDED, "heads fastest")]
+    run_experiment(make_variants(), "decode_launch_order", args, fixed, args.max_splits)
 
 
 if __name__ == "__main__":
