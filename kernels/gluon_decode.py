@@ -237,6 +237,8 @@ def gluon_decode(
     ~70 % skipped and 0.94-0.97x at ~90 %. Not the API's choice yet: its dense build has no GPU check
     against the reference (the skip build's outputs and counters equal the 4-warp kernel's).
     """
+    if num_warps not in (4, 8):
+        raise ValueError(f"gluon_decode: num_warps must be 4 or 8, got {num_warps!r}")
     batch, num_heads, head_dim = q.shape
     kv_heads = k_buffer.shape[1]
     dummy = part_lse  # never read: SKIP / COUNT are off

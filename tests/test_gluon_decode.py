@@ -1,6 +1,7 @@
 """The Gluon (sm_90) decode on a machine without a GPU: each build compiles for sm_90 with nothing
-spilled and fits three 4-warp or two 8-warp CTAs per SM (what its speed rests on). Compiles run in a subprocess, as in
-``test_gluon_prefill.py`` (under ``TRITON_INTERPRET=1`` a ``gluon.jit`` function cannot be compiled).
+spilled and fits three 4-warp or two 8-warp CTAs per SM (what its speed rests on). Compiles run in
+a subprocess, as in ``test_gluon_prefill.py`` (under ``TRITON_INTERPRET=1`` a ``gluon.jit`` function
+cannot be compiled).
 
 Its numerics are checked against the reference on an H100 by ``benchmarks/check_kernels_gpu.py``
 and ``benchmarks/experiments/gluon_decode.py`` (outputs and skip counters)."""
@@ -61,6 +62,15 @@ def test_compiles_for_sm90_with_its_ctas_per_sm(head_dim, skip, idx, warps):
     ctas = CTAS_PER_SM[warps]
     assert info["stack"] == 0 and info["regs"] * 32 * warps * ctas <= SM90_REGS, info
     assert ctas * (info["shared"] + 1024) <= SM90_SMEM, info  # 1 KB reserved per CTA
+
+
+def test_num_warps_other_than_4_or_8_is_refused():
+    import torch
+
+    x = torch.zeros(1, 1, 64)
+    with pytest.raises(ValueError, match="num_warps must be 4 or 8, got 2"):
+        gd.gluon_decode(x, x, x, x, x, x, x, x, x, 1, None, None, sm_scale=1.0, heads_per_tile=1, tiles_per_group=1,
+                        num_warps=2)
 
 
 if __name__ == "__main__":  # one compile, a JSON summary on the last line
