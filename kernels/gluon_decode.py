@@ -34,11 +34,14 @@ from .gluon_prefill import _log2_lambda
 from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
 
-__all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS"]
+__all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS", "MAXNREG"]
 
 BLOCK_N = 64  # keys per tile (the skip granularity)
 HEAD_DIMS = (64, 128)
 BLOCK_H = DECODE_HEADS_PER_TILE  # rows of the mma_v2 tile: the query heads of one decode tile
+#: Warps per program a launch may use, and their register cap: 4 warps fit three CTAs per SM uncapped
+#: (134-150 registers), 8 warps two CTAs per SM at 128 (ptxas takes 124-128 alone).
+MAXNREG = {4: None, 8: 128}
 
 
 @gluon.jit
@@ -230,14 +233,14 @@ def gluon_decode(
     ``part_o``/``part_lse`` float32 workspaces of at least ``(B, Hq, max_splits, D)`` /
     ``(B, Hq, max_splits)``.
 
-    ``num_warps``: 4 (three CTAs per SM, 134-150 registers) or 8 (two CTAs per SM, capped at 128
-    registers; ptxas takes 124-128 alone). H100, d=128 (``benchmarks/NOTES.md`` v16,
-    ``experiments/decode_warps.py``): 8 warps ran dense 1.04x on 64x16K p1 and 128x8K (1,024
-    programs: 2.6 waves of three CTAs per SM, 3.9 of two), level on 16x64K and 32x32K, 0.99-1.05x at
-    ~70 % skipped and 0.94-0.97x at ~90 %. Not the API's choice yet: its dense build has no GPU check
-    against the reference (the skip build's outputs and counters equal the 4-warp kernel's).
+    ``num_warps``: 4 or 8 (:data:`MAXNREG`: three or two CTAs per SM). H100, d=128
+    (``benchmarks/NOTES.md`` v16, ``experiments/decode_warps.py``): 8 warps ran dense 1.04x on
+    64x16K p1 and 128x8K (1,024 programs: 2.6 waves of three CTAs per SM, 3.9 of two), level on
+    16x64K and 32x32K, 0.99-1.05x at ~70 % skipped and 0.94-0.97x at ~90 %. Not the API's choice
+    yet: its dense build has no GPU check against the reference (the skip build's outputs and
+    counters equal the 4-warp kernel's).
     """
-    if num_warps not in (4, 8):
+    if num_warps not in MAXNREG:
         raise ValueError(f"gluon_decode: num_warps must be 4 or 8, got {num_warps!r}")
     batch, num_heads, head_dim = q.shape
     kv_heads = k_buffer.shape[1]
@@ -250,7 +253,7 @@ def gluon_decode(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         BLOCK_H=BLOCK_H, BLOCK_N=block_n, HEAD_D=head_dim, NK=num_k_stages, SKIP=scale is not None,
-        COUNT=stats is not None, num_warps=num_warps, maxnreg=128 if num_warps == 8 else None,
+        COUNT=stats is not None, num_warps=num_warps, maxnreg=MAXNREG[num_warps],
     )
     decode_merge_kernel[(batch, num_heads)](
         part_o, part_lse, out, kv_indptr, num_splits, max_splits,

@@ -34,7 +34,8 @@ def _compile(head_dim, skip, idx, warps):
     # The launcher's divisibility-16 specialisation of pointers and strides (cp.async needs 16 bytes).
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride")}
     src = GluonASTSource(gd.gluon_decode_kernel, sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": warps, **({"maxnreg": 128} if warps == 8 else {})}  # as gluon_decode launches
+    cap = gd.MAXNREG[warps]  # as gluon_decode launches
+    opts = {"num_warps": warps, **({"maxnreg": cap} if cap else {})}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
