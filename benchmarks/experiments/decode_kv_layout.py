@@ -23,7 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from decode_launch_order import LANDED, experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
+from decode_launch_order import LANDED, LastSeen, experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
 
@@ -32,18 +32,14 @@ HEAD_MAJOR = "head-major K/V"
 
 def make_variants():
     """``{name: launch}``: the landed decode on SGLang's token-major buffers, and on head-major
-    copies of them (made once per buffer pair, outside any graph capture). The copies are keyed by
-    the buffers themselves, held until the next pair: every P4 shape's buffers have the same size,
-    so a freed pair's address comes back for the next shape's (the first run's 64x16K and 128x8K
-    rows decoded the previous shape's copies)."""
-    held = {"src": (None, None), "copy": None}
+    copies of them (made once per buffer pair, outside any graph capture, and kept for the last
+    pair: :class:`decode_launch_order.LastSeen`)."""
+    copies = LastSeen()
 
     def head_major(q, kb, vb, *args, **kw):
-        if held["src"][0] is not kb or held["src"][1] is not vb:
-            held["copy"] = None  # free the last pair's copies first
-            held["copy"] = tuple(x.permute(1, 0, 2).contiguous().permute(1, 0, 2) for x in (kb, vb))
-            held["src"] = (kb, vb)
-        gd.gluon_decode(q, *held["copy"], *args, **kw)
+        kb_hm, vb_hm = copies.get((kb, vb), lambda: tuple(x.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+                                                          for x in (kb, vb)))
+        gd.gluon_decode(q, kb_hm, vb_hm, *args, **kw)
 
     return {LANDED: gd.gluon_decode, HEAD_MAJOR: head_major}
 

@@ -80,6 +80,23 @@ def load_variant(name, swaps):
     return mod
 
 
+class LastSeen:
+    """A value made from some buffers, kept for the last buffers seen. They are compared by identity
+    and held, so their addresses cannot come back for other buffers: every P4 shape's K/V buffers
+    have the same size, and a cache keyed by ``data_ptr`` once served a previous shape's value
+    (``decode_kv_layout.py``'s first run, ``benchmarks/NOTES.md`` v16)."""
+
+    def __init__(self):
+        self.objs, self.value = (), None
+
+    def get(self, objs, make):
+        """``make()`` unless ``objs`` are the last call's objects."""
+        if len(objs) != len(self.objs) or any(a is not b for a, b in zip(objs, self.objs)):
+            self.objs, self.value = (), None  # free the last value first
+            self.value, self.objs = make(), objs
+        return self.value
+
+
 def heavy_first_table(splits, kv_tiles, kept, device):
     """(programs * 3,) int32: the programs of requests with ``splits[b]`` splits, tiles of heads by
     ``kept`` descending, each with all its splits (then requests)."""
@@ -92,13 +109,12 @@ def make_variants():
     """``{name: launch}``, each called as :func:`blasst_kernels.gluon_decode.gluon_decode`."""
     heads_fastest = load_variant("heads_fastest", HEADS_FASTEST)
     table = load_variant("table", TABLE)
-    tables = {}  # (scale table, inputs) -> order; a factor's table is cached by value in the API
+    order = LastSeen()  # per (factor table, inputs); a factor's table is cached by value in the API
 
     def heavy_first(*args, **kw):
         q, kb, splits, scale = args[0], args[1], args[8], args[10]
-        # Every call with these inputs runs the landed split rule, so the first call's table holds.
-        key = (None if scale is None else scale.data_ptr(), q.data_ptr(), kb.data_ptr(), q.shape, kb.shape)
-        if key not in tables:  # outside any graph capture: bench_graph calls once first
+
+        def make():  # outside any graph capture: bench_graph calls once first
             tiles = kb.shape[1] * kw["tiles_per_group"]
             kept = [1.0] * tiles
             if scale is not None:
@@ -106,8 +122,10 @@ def make_variants():
                 gd.gluon_decode(*args[:11], stats, **kw)
                 st = stats.view(tiles, -1, 2)[:, 0].double()  # the heads of a tile decide together
                 kept = (1 - st[:, 1] / st[:, 0].clamp(min=1)).tolist()
-            tables[key] = heavy_first_table(splits.tolist(), tiles, kept, q.device)
-        table.ORDER = tables[key]
+            return heavy_first_table(splits.tolist(), tiles, kept, q.device)
+
+        # Every call with these inputs runs the landed split rule, so the first call's table holds.
+        table.ORDER = order.get((scale, q, kb), make)
         table.gluon_decode(*args, **kw)
 
     return {LANDED: gd.gluon_decode, "heads fastest": heads_fastest.gluon_decode, "heavy heads first": heavy_first}

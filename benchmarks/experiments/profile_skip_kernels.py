@@ -1,7 +1,7 @@
 """One launch of each landed skip kernel per sparsity level, for Nsight Compute (issue #6).
 
 The decode at ~70 % and the prefill at ~90 % stop 6-12 % short of what their bytes or tensor work
-allow, and timing A/Bs have not said why (``benchmarks/NOTES.md`` v13-v17). This script finds the
+allow, and timing A/Bs have not said why (``benchmarks/NOTES.md`` v13-v15). This script finds the
 factors first (not profiled), then runs each kernel once between ``cudaProfilerStart``/``Stop``,
 dense and at ~70 % / ~90 % skipped, so that ``ncu --profile-from-start off`` sees just those:
 
