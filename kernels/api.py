@@ -390,7 +390,9 @@ def prefill_attention(
 
 
 #: Resident programs per SM of the sm_90 decode (Gluon, 64-key tiles: 69 KB of shared memory and
-#: ~145 registers per 128-thread program), the unit of :func:`default_num_kv_splits`' waves.
+#: up to 168 registers per 128-thread program), the unit of :func:`default_num_kv_splits`' waves.
+#: Batches with more programs a split than one such wave run 8-warp programs, two per SM
+#: (:func:`blasst_kernels.gluon_decode.default_num_warps`).
 DECODE_PROGRAMS_PER_SM = 3
 #: Splits of two waves shorter than this many tiles fall back to one wave; no split is made
 #: shorter than ``MIN_SPLIT_TILES`` tiles (a split re-reads its seed tiles and runs its own prologue).

@@ -15,14 +15,19 @@ copy bandwidth:
 - Every iteration commits exactly two ``cp.async`` groups (V_j, then K_{j+NK} with tile
   ``j + 2·NK``'s slots): K_j has landed once at most ``2·NK − 2`` groups are pending, V_{j−1} once
   at most 3 are.
+- At most four CTA barriers a tile (K_j landed, the row max across warps, a kept V_{j−1} landed, P to every
+  warp); row sums are reduced across warps once, after the loop.
 
-64-key tiles, ``NK = 2``: 69 KB of shared memory and ~145 registers, three CTAs per SM.
+64-key tiles, ``NK = 2``: 69 KB of shared memory and up to 168 registers, three 4-warp CTAs per SM
+(or two of 8 warps: :func:`default_num_warps`).
 Measured on an H100 (``benchmarks/NOTES.md``, v6): dense 0.96-0.99x copy bandwidth; at ~70 % of
 tiles skipped 1.27-1.32x (the Triton kernel at 128-key tiles: 1.15-1.31x), at ~90 % 1.43-1.52x
 (1.18-1.45x); about 80-85 % of what reading every K and the kept V allows.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from triton.experimental import gluon
@@ -34,14 +39,55 @@ from .gluon_prefill import _log2_lambda
 from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
 
-__all__ = ["gluon_decode", "BLOCK_N", "HEAD_DIMS", "MAXNREG"]
+__all__ = ["gluon_decode", "default_num_warps", "BLOCK_N", "CTAS_PER_SM", "HEAD_DIMS", "MAXNREG"]
 
 BLOCK_N = 64  # keys per tile (the skip granularity)
 HEAD_DIMS = (64, 128)
 BLOCK_H = DECODE_HEADS_PER_TILE  # rows of the mma_v2 tile: the query heads of one decode tile
 #: Warps per program a launch may use, and their register cap: 4 warps fit three CTAs per SM uncapped
-#: (134-150 registers), 8 warps two CTAs per SM at 128 (ptxas takes 124-128 alone).
+#: (134-168 registers), 8 warps two CTAs per SM at 128 (ptxas takes 124-128 alone).
 MAXNREG = {4: None, 8: 128}
+CTAS_PER_SM = {4: 3, 8: 2}
+
+
+def default_num_warps(head_dim: int, programs_per_split: int, sms: int) -> int:
+    """Warps per program: 8 for head dim 128 when one split of every request already makes more
+    programs (``batch × decode tiles of heads``) than a wave of 4-warp CTAs (``3 × sms``), else 4.
+
+    H100, d=128 (``benchmarks/NOTES.md`` v17, ``experiments/decode_ab.py``), 8 warps × 4 warps of
+    this kernel: 1,024 programs a split (128×8K), dense 1.04x, ~70 % 1.00-1.01x, ~90 % 1.02x; 512
+    (64×16K) 1.04 / 1.01 / 1.03x. Where the split rule fills the GPU with splits instead, 8 warps won
+    up to 3 % at two waves of 4-warp programs (768: 16×64K, 32×32K, 4×64K) but lost 7-11 % at one
+    (1×128K: 384 programs, 1.45 waves of two CTAs per SM); the splits are on the device, so the launch
+    cannot tell the two apart, and a whole wave per split is the case 8 warps never loses.
+    """
+    return 8 if head_dim == 128 and programs_per_split > CTAS_PER_SM[4] * sms else 4
+
+
+@gluon.constexpr_function
+def _partials_layout(block_h, num_warps):
+    """``[block_h, num_warps]``: each warp's partial row maxima in one thread's registers, rows spread
+    as in the mma_v2 accumulator's row slice (lanes 4i..4i+3 hold rows i and i + 8)."""
+    regs = [[0, 1 << i] for i in range(num_warps.bit_length() - 1)] + [[8, 0]]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[0, 0]] * (num_warps.bit_length() - 1), block_bases=[],
+                                      shape=[block_h, num_warps])
+
+
+@gluon.jit
+def _row_max(s, partials, ROW: gl.constexpr):
+    """``gl.max(s, 1)`` of an mma_v2 ``[BLOCK_H, BLOCK_N]`` tile with the warps side by side along N,
+    through one barrier (the generic cross-warp reduction takes two): each warp's maxima over its
+    columns go to shared ``partials``, then every thread reads all warps' for its rows. A barrier
+    must separate this call's reads from the next call's writes."""
+    BLOCK_H: gl.constexpr = s.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    # mma_v2 columns: n-tile t of warp w holds columns 8·(NW·t + w) .. + 7.
+    per_warp = gl.max(gl.max(gl.reshape(s, [BLOCK_H, s.shape[1] // (8 * NW), NW, 8]), 3), 1)
+    partials.store(per_warp)
+    gl.thread_barrier()
+    both = partials.load(_partials_layout(BLOCK_H, NW))
+    return gl.convert_layout(gl.max(both, 1), ROW)
 
 
 @gluon.jit
@@ -49,16 +95,29 @@ def _issue(dst, base, rows, ok, stride_t, HEAD_D: gl.constexpr, LD: gl.constexpr
     """cp.async of ``[BLOCK_N, HEAD_D]`` rows ``rows`` (not ``ok``: zero-filled, nothing read),
     then commit one group."""
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, LD))
-    cp.async_copy_global_to_shared(dst, base + rows[:, None] * stride_t + offs_d[None, :], mask=ok[:, None])
+    ptrs = base + _row_offsets(rows, stride_t)[:, None] + offs_d[None, :]
+    cp.async_copy_global_to_shared(dst, ptrs, mask=ok[:, None])
     cp.commit_group()
 
 
 @gluon.jit
-def _issue_tile(dst, base, idx_slot, start, hi, keep, stride_t,
+def _row_offsets(rows, stride_t):
+    """``rows * stride_t`` as int64, multiples of 8 (strides are 16-byte multiples). int32 slots and
+    stride: one ``mul.wide.s32`` (the generic 64-bit product takes six instructions a row)."""
+    if rows.dtype == gl.int32 and stride_t.dtype == gl.int32:
+        off = gl.inline_asm_elementwise("mul.wide.s32 $0, $1, $2;", "=l,r,r", [rows, gl.full_like(rows, stride_t)],
+                                        gl.int64, True, 1)
+        return gl.multiple_of(off, 8)
+    else:
+        return rows * stride_t
+
+
+@gluon.jit
+def _issue_tile(dst, base, rows, start, hi, keep, stride_t,
                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, LD: gl.constexpr):
-    """:func:`_issue` of the tile at ``start`` whose token slots sit in shared ``idx_slot``."""
-    rows = idx_slot.load(gl.SliceLayout(1, LD)).to(gl.int64)
-    ok = (start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD)) < hi) & keep
+    """:func:`_issue` of the tile at ``start`` whose token slots are ``rows`` (``[BLOCK_N]``)."""
+    # Rows past ``hi`` or of a skipped tile: one compare a row against a limit of 0 for the latter.
+    ok = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD)) < gl.where(keep, hi - start, 0)
     _issue(dst, base, rows, ok, stride_t, HEAD_D, LD)
 
 
@@ -119,6 +178,7 @@ def gluon_decode_kernel(
     v_ring = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_D], SMEM)
     idx_ring = gl.allocate_shared_memory(kv_indices.dtype.element_ty, [R, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     zero_s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, MMA)
+    partials = gl.allocate_shared_memory(gl.float32, [BLOCK_H, NW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     offs_r = gl.arange(0, BLOCK_N, layout=IDX)
     offs_c = gl.arange(0, BLOCK_N, layout=COL)
 
@@ -129,10 +189,10 @@ def gluon_decode_kernel(
     if SKIP:
         w0 = (kv_len - 1) // BLOCK_N * BLOCK_N
         w_ok = w0 + offs_r < kv_len
-        _issue(k_ring.index(0), K, gl.load(idx_ptr + w0 + offs_r, mask=w_ok, other=0).to(gl.int64), w_ok, stride_bkt,
+        _issue(k_ring.index(0), K, gl.load(idx_ptr + w0 + offs_r, mask=w_ok, other=0), w_ok, stride_bkt,
                HEAD_D, LD)
         if lo > 0:
-            _issue(v_ring.index(0), K, gl.load(idx_ptr + offs_r).to(gl.int64), offs_r < BLOCK_N, stride_bkt, HEAD_D, LD)
+            _issue(v_ring.index(0), K, gl.load(idx_ptr + offs_r), offs_r < BLOCK_N, stride_bkt, HEAD_D, LD)
         cp.wait_group(0)
         gl.thread_barrier()
         s_w = mma_v2(q, k_ring.index(0).permute((1, 0)).load(B_OP), zero_s)
@@ -147,14 +207,15 @@ def gluon_decode_kernel(
         pos = lo + t * BLOCK_N + offs_r
         idx_ring.index(t).store(gl.load(idx_ptr + pos, mask=pos < hi, other=0))
     gl.thread_barrier()
-    _issue_tile(k_ring.index(0), K, idx_ring.index(0), lo, hi, True, stride_bkt, BLOCK_N, HEAD_D, LD)
+    _issue_tile(k_ring.index(0), K, idx_ring.index(0).load(IDX), lo, hi, True, stride_bkt, BLOCK_N, HEAD_D, LD)
     for t in gl.static_range(1, NK):
         cp.commit_group()
-        _issue_tile(k_ring.index(t), K, idx_ring.index(t), lo + t * BLOCK_N, hi, True, stride_bkt, BLOCK_N, HEAD_D, LD)
+        _issue_tile(k_ring.index(t), K, idx_ring.index(t).load(IDX), lo + t * BLOCK_N, hi, True, stride_bkt,
+                    BLOCK_N, HEAD_D, LD)
 
     n_tiles = gl.cdiv(hi - lo, BLOCK_N)
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
-    l_i = gl.zeros([BLOCK_H], gl.float32, ROW)
+    l_part = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, MMA)  # row sums, reduced across warps once, after the loop
     acc = gl.zeros([BLOCK_H, HEAD_D], gl.float32, MMA)
     p_prev = gl.zeros([BLOCK_H, BLOCK_N], dtype, A_OP)
     alpha_prev = gl.full([BLOCK_H], 1.0, gl.float32, ROW)
@@ -165,9 +226,13 @@ def gluon_decode_kernel(
         # S_j = Q K_jᵀ once K_j has landed.
         cp.wait_group(2 * NK - 2)
         gl.thread_barrier()
+        # The token slots of V_j and K_{j+NK} (landed with K_j), read now: _row_max's barrier then
+        # orders both reads before the copy of tile j + 2·NK's slots into the ring.
+        v_rows = idx_ring.index(j % R).load(IDX)
+        k_rows = idx_ring.index((j + NK) % R).load(IDX)
         s = mma_v2(q, k_ring.index(j % NK).permute((1, 0)).load(B_OP), zero_s)
         s = gl.where((start + offs_c < hi)[None, :], s * qk_scale, float("-inf"))
-        m_ij = gl.max(s, 1)
+        m_ij = _row_max(s, partials, ROW)
         if SKIP:
             # Keep the tile when any head of the group may matter.
             keep = gl.max(((m_ij - gl.maximum(m_i, seed) >= log2_lam) & h_ok).to(gl.int32), 0) > 0
@@ -177,17 +242,15 @@ def gluon_decode_kernel(
         m_new = gl.where(keep, gl.maximum(m_i, m_ij), m_i)
         p = gl.where(keep, gl.exp2(s - m_new[:, None]), 0.0)
         alpha = gl.where(keep, gl.exp2(m_i - m_new), 1.0)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        l_part = l_part * alpha[:, None] + p
         m_i = m_new
         n_skip += 1 - keep.to(gl.int32)
-        # Every warp is done with K_j's stage and with V_{j-2}'s: V_j, then K_{j+NK} with the slots
-        # of tile j + 2·NK.
-        gl.thread_barrier()
-        _issue_tile(v_ring.index(j % 2), V, idx_ring.index(j % R), start, hi, keep, stride_bvt, BLOCK_N, HEAD_D, LD)
+        # Every warp is done with K_j's stage and with V_{j-2}'s (_row_max's barrier came after both
+        # were read): V_j, then K_{j+NK} with the slots of tile j + 2·NK.
+        _issue_tile(v_ring.index(j % 2), V, v_rows, start, hi, keep, stride_bvt, BLOCK_N, HEAD_D, LD)
         pos = start + 2 * NK * BLOCK_N + offs_r
         cp.async_copy_global_to_shared(idx_ring.index((j + 2 * NK) % R), idx_ptr + pos, mask=pos < hi)
-        _issue_tile(k_ring.index(j % NK), K, idx_ring.index((j + NK) % R), start + NK * BLOCK_N, hi, True, stride_bkt,
-                    BLOCK_N, HEAD_D, LD)
+        _issue_tile(k_ring.index(j % NK), K, k_rows, start + NK * BLOCK_N, hi, True, stride_bkt, BLOCK_N, HEAD_D, LD)
         # acc += P_{j-1} V_{j-1} for a kept tile j-1 once V_{j-1} has landed; a skipped one waits
         # for nothing, so the K ring stays ahead.
         acc = acc * alpha_prev[:, None]
@@ -204,6 +267,7 @@ def gluon_decode_kernel(
         gl.thread_barrier()
         acc = mma_v2(p_prev, v_ring.index((n_tiles + 1) % 2).load(B_OP), acc)
     cp.wait_group(0)  # copies past the split's end (zero-filled) may still be in flight
+    l_i = gl.sum(l_part, 1)
 
     # A split that skipped every tile has l = 0: it stores o = 0, lse = −inf (weight 0 in the merge).
     kept_any = l_i > 0
@@ -222,7 +286,7 @@ def gluon_decode(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     part_o: torch.Tensor, part_lse: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     num_splits: torch.Tensor, max_splits: int, scale, stats, *, sm_scale: float, heads_per_tile: int,
-    tiles_per_group: int, block_n: int = BLOCK_N, num_k_stages: int = 2, num_warps: int = 4,
+    tiles_per_group: int, block_n: int = BLOCK_N, num_k_stages: int = 2, num_warps: Optional[int] = None,
 ) -> None:
     """Launch the split kernel and the merge; arguments are validated by :mod:`blasst_kernels.api`.
 
@@ -233,13 +297,12 @@ def gluon_decode(
     ``part_o``/``part_lse`` float32 workspaces of at least ``(B, Hq, max_splits, D)`` /
     ``(B, Hq, max_splits)``.
 
-    ``num_warps``: 4 or 8 (:data:`MAXNREG`: three or two CTAs per SM). H100, d=128
-    (``benchmarks/NOTES.md`` v16, ``experiments/decode_warps.py``): 8 warps ran dense 1.04x on
-    64x16K p1 and 128x8K (1,024 programs: 2.6 waves of three CTAs per SM, 3.9 of two), level on
-    16x64K and 32x32K, 0.99-1.05x at ~70 % skipped and 0.94-0.97x at ~90 %. Not the API's choice
-    yet: its dense build has no GPU check against the reference (the skip build's outputs and
-    counters equal the 4-warp kernel's).
+    ``num_warps``: 4 or 8 (:data:`MAXNREG`: three or two CTAs per SM); ``None`` picks
+    :func:`default_num_warps`.
     """
+    if num_warps is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_warps = default_num_warps(q.shape[2], q.shape[0] * k_buffer.shape[1] * tiles_per_group, sms)
     if num_warps not in MAXNREG:
         raise ValueError(f"gluon_decode: num_warps must be 4 or 8, got {num_warps!r}")
     batch, num_heads, head_dim = q.shape

@@ -19,7 +19,6 @@ gd = pytest.importorskip("blasst_kernels.gluon_decode")
 triton = pytest.importorskip("triton")
 
 SM90_REGS, SM90_SMEM = 65536, 232448  # per SM
-CTAS_PER_SM = {4: 3, 8: 2}  # by warps per program: 12 or 16 warps per SM
 
 
 def _compile(head_dim, skip, idx, warps):
@@ -60,7 +59,7 @@ def test_compiles_for_sm90_with_its_ctas_per_sm(head_dim, skip, idx, warps):
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.splitlines()[-1])
     assert info["mma"] and info["cp_async"] and not info["local"], info
-    ctas = CTAS_PER_SM[warps]
+    ctas = gd.CTAS_PER_SM[warps]
     assert info["stack"] == 0 and info["regs"] * 32 * warps * ctas <= SM90_REGS, info
     assert ctas * (info["shared"] + 1024) <= SM90_SMEM, info  # 1 KB reserved per CTA
 
@@ -72,6 +71,16 @@ def test_num_warps_other_than_4_or_8_is_refused():
     with pytest.raises(ValueError, match="num_warps must be 4 or 8, got 2"):
         gd.gluon_decode(x, x, x, x, x, x, x, x, x, 1, None, None, sm_scale=1.0, heads_per_tile=1, tiles_per_group=1,
                         num_warps=2)
+
+
+def test_8_warps_only_for_head_dim_128_when_a_split_fills_a_wave_of_4_warp_programs():
+    sms = 132
+    wave = gd.CTAS_PER_SM[4] * sms
+    assert gd.default_num_warps(128, wave + 1, sms) == 8  # e.g. 128 requests x 8 KV heads
+    assert gd.default_num_warps(128, wave, sms) == 4  # 8 warps: 1.5 waves where 4 make one
+    assert gd.default_num_warps(128, 8, sms) == 4  # one long request
+    assert gd.default_num_warps(64, 10 * wave, sms) == 4
+    assert all(gd.default_num_warps(d, n, sms) in gd.MAXNREG for d in gd.HEAD_DIMS for n in (1, 10 * wave))
 
 
 if __name__ == "__main__":  # one compile, a JSON summary on the last line
