@@ -10,6 +10,7 @@ the default (GPU) tile sizes. Prints one line per case and writes ``check_kernel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +47,21 @@ def to_cuda(batch):
     for name in ("q", "k", "v", "k_buffer", "v_buffer", "qo_indptr", "kv_indptr", "kv_indices"):
         setattr(batch, name, getattr(batch, name).cuda())
     return batch
+
+
+@contextlib.contextmanager
+def gluon_decode_warps(warps):
+    """The Gluon decode launched with ``warps`` per program whatever the shape (``None``: its rule,
+    :func:`blasst_kernels.gluon_decode.default_num_warps`, which these small batches meet with 4)."""
+    import blasst_kernels.gluon_decode as gd
+
+    rule = gd.default_num_warps
+    if warps is not None:
+        gd.default_num_warps = lambda *args: warps
+    try:
+        yield
+    finally:
+        gd.default_num_warps = rule
 
 
 def rel(a, b):
@@ -186,42 +202,45 @@ def check_decode(dk, dv, group, dtype, gen):
 
 
 def check_decode_graph(dk, dv, group, dtype, gen):
-    """The default decode path captured in a CUDA graph (as SGLang serves it): replays with new
-    queries match eager calls, counters included."""
+    """The default decode path captured in a CUDA graph (as SGLang serves it), skipping and dense
+    (their launches differ: d=128 dense runs 8 warps): replays with new queries match eager calls,
+    counters included."""
     hkv = 2
     hq = hkv * group
     lens = [random.randint(1, 3000), 4097, 64]
     ctx = to_cuda(make_batch(lens, [1] * 3, hq, hkv, dk, dv, 16, dtype, gen, sink_every=97, lean_per_kv_head=True))
-    factor = torch.full((hq,), 50.0, device="cuda")
     splits = torch.tensor([3, 8, 1], dtype=torch.int32, device="cuda")
     q, out = ctx.q.clone(), torch.empty(len(lens), hq, dv, dtype=dtype, device="cuda")
-    stats = torch.zeros(hq, 2, dtype=torch.int32, device="cuda")
     part_o = torch.empty(len(lens), hq, 8, dv, device="cuda")
     part_lse = torch.empty(len(lens), hq, 8, device="cuda")
-
-    def run(query, st):
-        return decode_attention(query, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
-                                threshold_scale_factor=factor, num_kv_splits=splits, max_kv_splits=8, stats=st,
-                                out=out, partial_out=part_o, partial_lse=part_lse)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run(q, stats)  # warm-up: compiles outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(q, stats)
     worst, counts_ok = 0.0, True
-    for _ in range(3):
-        q.copy_(torch.randn_like(q) * ctx.q.float().std().to(dtype))
-        stats.zero_()
-        graph.replay()
-        got, got_stats = out.clone(), stats.clone()
-        eager_stats = torch.zeros_like(stats)
-        want = run(q, eager_stats).clone()
-        worst = max(worst, rel(got, want))
-        counts_ok &= torch.equal(got_stats, eager_stats)
+    for factor in (torch.full((hq,), 50.0, device="cuda"), None):
+        stats = None if factor is None else torch.zeros(hq, 2, dtype=torch.int32, device="cuda")
+
+        def run(query, st):
+            return decode_attention(query, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices,
+                                    threshold_scale_factor=factor, num_kv_splits=splits, max_kv_splits=8, stats=st,
+                                    out=out, partial_out=part_o, partial_lse=part_lse)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run(q, stats)  # warm-up: compiles outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(q, stats)
+        for _ in range(3):
+            q.copy_(torch.randn_like(q) * ctx.q.float().std().to(dtype))
+            if stats is not None:
+                stats.zero_()
+            graph.replay()
+            got = out.clone()
+            got_stats = None if stats is None else stats.clone()
+            eager_stats = None if stats is None else torch.zeros_like(stats)
+            want = run(q, eager_stats).clone()
+            worst = max(worst, rel(got, want))
+            counts_ok &= stats is None or torch.equal(got_stats, eager_stats)
     return {"rel_err": worst, "counts_equal": bool(counts_ok), "ok": worst < 1e-6 and counts_ok}
 
 
@@ -230,13 +249,15 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--phases", default="extend,no-prefix,prefix,no-prefix-spec,prefix-spec,padding,decode,decode-graph",
                     help="comma-separated subset of the checks to run")
+    ap.add_argument("--dims", default=None, help="head-dim pairs to check, e.g. 128x128,64x64 (default: all)")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
+    dims = SUPPORTED_HEAD_DIMS if args.dims is None else [tuple(int(x) for x in d.split("x")) for d in args.dims.split(",")]
     seed = random.SystemRandom().randrange(2**31)
     random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for dk, dv in SUPPORTED_HEAD_DIMS:
+    for dk, dv in dims:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for group in (1, 4, 8, 20):  # 20: a KV group decoded as two tiles of heads (16 + 4)
                 for phase, fn in (("extend", check_extend),
@@ -256,13 +277,18 @@ def main():
                         continue  # the hint changes only the Gluon prefill (d=128, fp16/bf16)
                     if phase in ("padding", "no-prefix", "prefix") and dk != dv:
                         continue  # MLA prefill goes through extend_attention with a prefix
-                    row = {"phase": phase, "dk": dk, "dv": dv, "dtype": str(dtype), "group": group}
-                    try:
-                        row.update(fn(dk, dv, group, dtype, gen))
-                    except Exception:
-                        row.update(ok=False, error=traceback.format_exc(limit=2)[-400:])
-                    print(row, flush=True)
-                    rows.append(row)
+                    # The Gluon decode's d=128 builds at both warp counts (its rule picks 8 only for
+                    # batches far larger than these).
+                    gluon_d128 = phase.startswith("decode") and (dk, dv) == (128, 128) and dtype != torch.float32
+                    for warps in (4, 8) if gluon_d128 else (None,):
+                        row = {"phase": phase, "dk": dk, "dv": dv, "dtype": str(dtype), "group": group, "warps": warps}
+                        try:
+                            with gluon_decode_warps(warps):
+                                row.update(fn(dk, dv, group, dtype, gen))
+                        except Exception:
+                            row.update(ok=False, error=traceback.format_exc(limit=2)[-400:])
+                        print(row, flush=True)
+                        rows.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_kernels_gpu.json"), "w") as f:
         json.dump({"seed": seed, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -15,7 +15,7 @@ The landed grid is ``(request, decode tile of heads, split)``, requests fastest.
 
 Both are the landed kernel's source with the program ids (and the grid) rewritten, written to a
 temporary file (Triton needs a source file). Same programs, so outputs and counters must equal the
-landed kernel's; each P4 shape (``bench_kernels.decode_inputs``) checks that at ~70 % and ~90 %,
+landed kernel's; each P4 shape (``bench_kernels.decode_inputs``) checks that dense and at ~70 % and ~90 %,
 then times every order dense and at those factors, CUDA-graph replays, at the landed split rule;
 ``--fixed N`` adds split counts for the landed order and heads fastest.
 
@@ -170,22 +170,23 @@ class Runner:
         return stats
 
 
-def check(runner, factor):
-    """At the landed rule's splits: every order's output and counters against the landed kernel's."""
-    want = runner.call(LANDED, factor).clone()
-    want_stats = runner.counters(LANDED, factor)
+def check(runner, factor, base=LANDED):
+    """At the landed rule's splits: every variant's output and counters against ``base``'s."""
+    want = runner.call(base, factor).clone()
+    want_stats = runner.counters(base, factor)
     rows = []
     for name in runner.variants:
-        if name != LANDED:
+        if name != base:
             diff = float((runner.call(name, factor).float() - want.float()).abs().max())
             same = torch.equal(runner.counters(name, factor), want_stats)
             rows.append({"variant": name, "max_abs_diff": diff, "counters_equal": same, "ok": same and diff < 2e-2})
     return rows
 
 
-def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None):
+def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None, base=LANDED):
     """``fixed``: more rows as (variant, splits of every request); ``max_splits``: the grid's split
-    dimension (default: the API's workspace bound, raised to the fixed counts)."""
+    dimension (default: the API's workspace bound, raised to the fixed counts); ``base``: the variant
+    whose counters pick the factors and whose outputs the others must equal."""
     if not max_splits:  # as decode_attention sizes its workspaces
         max_splits = max([workspace_kv_splits(batch, HKV, _sm_count(torch.device(DEVICE)))] + [sp for _, sp in fixed])
     shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page, "grid_splits": max_splits}
@@ -201,10 +202,10 @@ def run_shape(batch, ctx, page, variants, fixed=(), max_splits=None):
             for sharp in (1.0, 1.6, 2.5):
                 if sharp != 1.0:
                     runner = Runner(decode_inputs(batch, ctx, HQ, HKV, D, page, sharp)[0], variants, max_splits)
-                factor, got = find_factor(lambda f, st: runner.call(LANDED, f, stats=st), HQ, target, ctx / 2)
+                factor, got = find_factor(lambda f, st: runner.call(base, f, stats=st), HQ, target, ctx / 2)
                 if abs(got - target) < 0.05:
                     break
-            checks += [{**shape, "target": target, **c} for c in check(runner, factor)]
+        checks += [{**shape, "target": target, **c} for c in check(runner, factor, base)]
         for name, sp in [(v, None) for v in variants] + list(fixed):
             ms = bench_graph(lambda: runner.call(name, factor, sp))
             st = runner.counters(name, factor, sp).sum(0).tolist()
@@ -224,27 +225,27 @@ def experiment_parser(doc):
     return ap
 
 
-def run_experiment(variants, name, args, fixed=(), max_splits=None):
+def run_experiment(variants, name, args, fixed=(), max_splits=None, base=LANDED):
     """:func:`run_shape` over ``args.shapes``; writes ``args.out/name.json`` and prints one table
-    (each row × the landed kernel's time at the same shape and level)."""
+    (each row × ``base``'s time at the same shape and level)."""
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.replace("p", "x").split("x")) for s in args.shapes.split(",")]
     rows, checks = [], []
     for batch, ctx, page in shapes:
-        r, c = run_shape(batch, ctx, page, variants, fixed, max_splits)
+        r, c = run_shape(batch, ctx, page, variants, fixed, max_splits, base)
         rows += r
         checks += c
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"env": env_info(), "rows": rows, "checks": checks}, f, indent=1)
-    base = {(r["batch"], r["ctx"], r["page_size"], r["target"]): r["ms"] for r in rows if r["kernel"] == LANDED}
-    print(f"{'shape':>16} {'target':>6} {'kernel':>22} {'splits':>6} {'sparsity':>8} {'ms':>8} {'x copy':>7} {'x landed':>8}")
+    base_ms = {(r["batch"], r["ctx"], r["page_size"], r["target"]): r["ms"] for r in rows if r["kernel"] == base}
+    print(f"{'shape':>16} {'target':>6} {'kernel':>22} {'splits':>6} {'sparsity':>8} {'ms':>8} {'x copy':>7} {'x base':>8}")
     for r in rows:
-        b = base[(r["batch"], r["ctx"], r["page_size"], r["target"])]
+        b = base_ms[(r["batch"], r["ctx"], r["page_size"], r["target"])]
         print(f"{r['batch']:>4}x{r['ctx']:<6}p{r['page_size']:<3} {r['target']:>6.1f} {r['kernel']:>22} "
               f"{r.get('splits', ''):>6} {r.get('sparsity', 0):>8.3f} {r['ms']:>8.4f} {r['x_copy']:>7.3f} {b / r['ms']:>8.3f}")
-    print("checks ok (each variant = landed, outputs and counters):", sum(c["ok"] for c in checks), "/", len(checks))
+    print(f"checks ok (each variant = {base}, outputs and counters):", sum(c["ok"] for c in checks), "/", len(checks))
 
 
 def main():
