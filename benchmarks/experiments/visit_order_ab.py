@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--old", required=True, help="path of the left-to-right gluon_prefill.py")
     ap.add_argument("--shapes", default="16384:32:8,16384:32:32,32768:32:32,8192+4096+2048+1024+1024:32:8")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--labels", default="left-to-right,diagonal-first",
+                    help="names of the --old kernel and of kernels/'s, for other A/Bs of two prefill kernels")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args()
     import torch
@@ -41,7 +43,8 @@ def main():
     spec = importlib.util.spec_from_file_location("gluon_prefill_old", args.old)
     gp_old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gp_old)
-    kernels = {"left-to-right": gp_old, "diagonal-first": gp_new}
+    old_label, new_label = args.labels.split(",")
+    kernels = {old_label: gp_old, new_label: gp_new}
     rows = []
     for shape in args.shapes.split(","):
         lens_s, hq, hkv = shape.split(":")
@@ -78,7 +81,7 @@ def main():
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
     with open(os.path.join(args.out, "visit_order_ab.json"), "w") as f:
         json.dump({"env": env, "rounds": args.rounds, "rows": rows}, f, indent=1)
-    print("\n| shape | case | left-to-right ms (sparsity) | diagonal-first ms (sparsity) | new / old |")
+    print(f"\n| shape | case | {old_label} ms (sparsity) | {new_label} ms (sparsity) | new / old |")
     print("| --- | --- | --- | --- | --- |")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for case in ("dense", "~0%", "~70%", "~90%"):
