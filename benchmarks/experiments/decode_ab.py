@@ -20,9 +20,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from decode_launch_order import experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
+from decode_launch_order import LastSeen, experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
+from blasst_kernels.api import _sm_count, default_num_kv_splits  # noqa: E402
 
 
 OLD = "old"
@@ -36,12 +37,31 @@ def load_old(path):
     return mod
 
 
+def eight_warps_own_waves():
+    """8 warps with the split rule's waves counted in 8-warp programs (two per SM, not three), so
+    its programs make whole 8-warp waves: at 1x128K 64 splits (two waves) instead of 48 (1.45; v17:
+    8 warps ran 0.89-0.93x there under the 4-warp rule), at 16x64K 4 instead of 6. Timing only
+    (marked ``own_splits``: other splits, other seeds, other decisions)."""
+    cache = LastSeen()
+
+    def launch(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, splits, max_splits, *args, **kw):
+        sms = _sm_count(q.device) * gd.CTAS_PER_SM[8] // gd.CTAS_PER_SM[4]  # the rule's slots: 3 x this
+        own = cache.get((indptr,), lambda: default_num_kv_splits(
+            indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"], gd.BLOCK_N, max_splits, sms=sms))
+        gd.gluon_decode(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, own, max_splits, *args,
+                        num_warps=8, **kw)
+
+    launch.own_splits = True
+    return launch
+
+
 def make_variants(old):
-    """``{name: launch}``: the old copy (its default, 4 warps, named as the baseline), and the
-    kernel in ``kernels/`` at its default and at 4 and 8 warps."""
+    """``{name: launch}``: the old copy (its default, 4 warps, named as the baseline), the kernel in
+    ``kernels/`` at its default and at 4 and 8 warps, and 8 warps with waves of 8-warp programs."""
     return {OLD: old.gluon_decode, "old, 8 warps": functools.partial(old.gluon_decode, num_warps=8),
             "new": gd.gluon_decode, "new, 4 warps": functools.partial(gd.gluon_decode, num_warps=4),
-            "new, 8 warps": functools.partial(gd.gluon_decode, num_warps=8)}
+            "new, 8 warps": functools.partial(gd.gluon_decode, num_warps=8),
+            "new, 8 warps, own waves": eight_warps_own_waves()}
 
 
 def main():
