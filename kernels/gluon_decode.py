@@ -35,6 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .api import _sm_count
 from .gluon_prefill import _log2_lambda
 from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
@@ -301,8 +302,7 @@ def gluon_decode(
     :func:`default_num_warps`.
     """
     if num_warps is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_warps = default_num_warps(q.shape[2], q.shape[0] * k_buffer.shape[1] * tiles_per_group, sms)
+        num_warps = default_num_warps(q.shape[2], q.shape[0] * k_buffer.shape[1] * tiles_per_group, _sm_count(q.device))
     if num_warps not in MAXNREG:
         raise ValueError(f"gluon_decode: num_warps must be 4 or 8, got {num_warps!r}")
     batch, num_heads, head_dim = q.shape

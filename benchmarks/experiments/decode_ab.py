@@ -45,9 +45,12 @@ def eight_warps_own_waves():
     cache = LastSeen()
 
     def launch(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, splits, max_splits, *args, **kw):
-        sms = _sm_count(q.device) * gd.CTAS_PER_SM[8] // gd.CTAS_PER_SM[4]  # the rule's slots: 3 x this
-        own = cache.get((indptr,), lambda: default_num_kv_splits(
-            indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"], gd.BLOCK_N, max_splits, sms=sms))
+        def make():
+            sms = _sm_count(q.device) * gd.CTAS_PER_SM[8] // gd.CTAS_PER_SM[4]  # the rule's slots: 3 x this
+            return default_num_kv_splits(indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"],
+                                         gd.BLOCK_N, max_splits, sms=sms)
+
+        own = cache.get((indptr,), make)
         gd.gluon_decode(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, own, max_splits, *args,
                         num_warps=8, **kw)
 

@@ -14,8 +14,8 @@ Measured (``results/experiments/decode_H100/decode_warps_v16.json``; that run re
 in the kernel's source, which ``gluon_decode(num_warps=8)`` now does): 8 warps dense 1.04x on 64x16K
 p1 and 128x8K p16/p1, level on 16x64K and 32x32K; ~70 % 1.05 / 1.02 / 1.00 / 0.99 / 0.99x; ~90 %
 0.94-0.97x; a third K stage lost 1-3 % more. The skip build's outputs and counters equal the 4-warp
-kernel's (20/20); the dense build is not checked there (no factor), so the API keeps 4 warps until a
-GPU check of it passes.
+kernel's (20/20); the dense build is not checked there (no factor). The API's choice since v17:
+``gluon_decode.default_num_warps``.
 
 Outputs and counters must equal the landed kernel's (same programs and rule). Timing as
 ``decode_launch_order.py``.
