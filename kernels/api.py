@@ -390,9 +390,9 @@ def prefill_attention(
 
 
 #: Resident programs per SM of the sm_90 decode (Gluon, 64-key tiles: 69 KB of shared memory and
-#: up to 168 registers per 128-thread program), the unit of :func:`default_num_kv_splits`' waves.
-#: Batches with more programs a split than one such wave run 8-warp programs, two per SM
-#: (:func:`blasst_kernels.gluon_decode.default_num_warps`).
+#: up to 168 registers per 128-thread program), the default unit of :func:`default_num_kv_splits`'
+#: waves. At head dim 128 :func:`decode_attention` runs 8-warp programs, two per SM, and counts its
+#: splits' waves in those (:func:`blasst_kernels.gluon_decode.own_splits_num_warps`).
 DECODE_PROGRAMS_PER_SM = 3
 #: Splits of two waves shorter than this many tiles fall back to one wave; no split is made
 #: shorter than ``MIN_SPLIT_TILES`` tiles (a split re-reads its seed tiles and runs its own prologue).
@@ -408,12 +408,13 @@ def _sm_count(device: torch.device) -> int:
 
 def default_num_kv_splits(
     kv_lens: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 128, *, sms: Optional[int] = None,
+    programs_per_sm: int = DECODE_PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """KV splits per request, on device and without a sync (CUDA-graph safe; one small launch).
 
     Every request is cut into chunks of about the same number of keys, sized so that the
     ``(request, decode tile of heads, split)`` programs fill the GPU's resident slots
-    (:data:`DECODE_PROGRAMS_PER_SM` per SM) twice, just under: with one program per slot and wave
+    (``programs_per_sm`` per SM) twice, just under: with one program per slot and wave
     the last, partial wave decides the time (H100, ``benchmarks/NOTES.md`` v8: 1.3 waves ran at
     0.85x the speed of 1.94 or 2.9, and skipping tiles makes programs unequal, which more waves
     even out). When two waves' chunks would be shorter than :data:`LONG_SPLIT_TILES` tiles (few,
@@ -428,13 +429,15 @@ def default_num_kv_splits(
         block_n: keys per tile.
         max_kv_splits: upper bound per request (the size of the partial-result workspaces).
         sms: streaming multiprocessors; default the device's (132 on CPU).
+        programs_per_sm: resident programs per SM of the kernel that runs the splits; default
+            :data:`DECODE_PROGRAMS_PER_SM` (the 4-warp decode).
 
     Returns:
         ``(B,)`` int32 on ``kv_lens``' device.
     """
     from .triton_decode import num_kv_splits_kernel
 
-    slots = DECODE_PROGRAMS_PER_SM * (_sm_count(kv_lens.device) if sms is None else sms)
+    slots = programs_per_sm * (_sm_count(kv_lens.device) if sms is None else sms)
     batch = kv_lens.shape[0]
     out = torch.empty(batch, dtype=torch.int32, device=kv_lens.device)
     if batch:
@@ -528,9 +531,17 @@ def decode_attention(
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
     _check_runnable(q)
     opts = options or default_options(dk, dv, "decode")
+    gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, return_skip_map)
+    warps = None  # splits given by the caller: the Gluon decode picks its warps for them
     if num_kv_splits is None:
+        per_sm = DECODE_PROGRAMS_PER_SM
+        if gluon:  # splits in waves of the programs that will run
+            from .gluon_decode import CTAS_PER_SM, own_splits_num_warps
+
+            warps = own_splits_num_warps(dk)
+            per_sm = CTAS_PER_SM[warps]
         num_kv_splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_heads * tiles_per_group, opts.block_n,
-                                              max_kv_splits)
+                                              max_kv_splits, programs_per_sm=per_sm)
     else:
         _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
         if num_kv_splits.shape[0] != batch:
@@ -551,12 +562,12 @@ def decode_attention(
         n_t = -(-int((kv_indptr[1:] - kv_indptr[:-1]).max()) // opts.block_n) if batch else 0
         skip_map = torch.zeros(batch, kv_heads * tiles_per_group, max(n_t, 1), dtype=torch.int8, device=device)
     sm_scale = 1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale)
-    if batch and _gluon_decode_applies(q, k_buffer, v_buffer, opts, skip_map):
+    if gluon:
         from .gluon_decode import gluon_decode
 
         gluon_decode(q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits,
                      max_kv_splits, scale, stats, sm_scale=sm_scale, heads_per_tile=per_tile,
-                     tiles_per_group=tiles_per_group)
+                     tiles_per_group=tiles_per_group, num_warps=warps)
     elif batch:
         launch_decode(
             q, k_buffer, v_buffer, out, partial_out, partial_lse, kv_indptr, kv_indices, num_kv_splits, max_kv_splits,
@@ -569,9 +580,9 @@ def decode_attention(
     return (out, skip_map) if return_skip_map else out
 
 
-def _gluon_decode_applies(q, k_buffer, v_buffer, opts: KernelOptions, skip_map) -> bool:
+def _gluon_decode_applies(q, k_buffer, v_buffer, opts: KernelOptions, return_skip_map: bool) -> bool:
     """Whether :func:`decode_attention` runs the Gluon Hopper kernel (see :class:`KernelOptions`)."""
-    if opts.kernel != "auto" or skip_map is not None or _interpreting() or q.device.type != "cuda":
+    if opts.kernel != "auto" or return_skip_map or _interpreting() or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or v_buffer.shape[2] != q.shape[2]:
         return False

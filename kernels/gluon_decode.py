@@ -40,7 +40,7 @@ from .gluon_prefill import _log2_lambda
 from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
 
-__all__ = ["gluon_decode", "default_num_warps", "BLOCK_N", "CTAS_PER_SM", "HEAD_DIMS", "MAXNREG"]
+__all__ = ["gluon_decode", "default_num_warps", "own_splits_num_warps", "BLOCK_N", "CTAS_PER_SM", "HEAD_DIMS", "MAXNREG"]
 
 BLOCK_N = 64  # keys per tile (the skip granularity)
 HEAD_DIMS = (64, 128)
@@ -52,8 +52,10 @@ CTAS_PER_SM = {4: 3, 8: 2}
 
 
 def default_num_warps(head_dim: int, programs_per_split: int, sms: int) -> int:
-    """Warps per program: 8 for head dim 128 when one split of every request already makes more
-    programs (``batch × decode tiles of heads``) than a wave of 4-warp CTAs (``3 × sms``), else 4.
+    """Warps per program for splits made by the caller (SGLang's, or any fixed count): 8 for head dim
+    128 when one split of every request already makes more programs (``batch × decode tiles of
+    heads``) than a wave of 4-warp CTAs (``3 × sms``), else 4. Splits that
+    :func:`blasst_kernels.decode_attention` makes itself follow :func:`own_splits_num_warps`.
 
     H100, d=128 (``benchmarks/NOTES.md`` v17, ``experiments/decode_ab.py``), 8 warps × 4 warps of
     this kernel: 1,024 programs a split (128×8K), dense 1.04x, ~70 % 1.00-1.01x, ~90 % 1.02x; 512
@@ -63,6 +65,21 @@ def default_num_warps(head_dim: int, programs_per_split: int, sms: int) -> int:
     cannot tell the two apart, and a whole wave per split is the case 8 warps never loses.
     """
     return 8 if head_dim == 128 and programs_per_split > CTAS_PER_SM[4] * sms else 4
+
+
+def own_splits_num_warps(head_dim: int) -> int:
+    """Warps per program when :func:`blasst_kernels.decode_attention` makes the splits itself: 8 for
+    head dim 128, with the split rule's waves counted in 8-warp programs (:data:`CTAS_PER_SM`), else 4.
+
+    H100, d=128 (``benchmarks/NOTES.md`` v19, ``experiments/decode_ab.py``), × 4 warps on the 4-warp
+    rule's splits, dense / ~70 % / ~90 %: 16×64K 1.00 / 1.03 / 1.02x, 32×32K 1.00 / 1.02 / 1.02x,
+    8×64K 1.00 / 1.02 / 1.01x, 4×64K 1.01 / 1.02 / 1.01x, 1×64K 1.02 / 1.05 / 1.05x, 128×8K (one
+    split either way) 1.02 / 1.01 / 1.00x; 1×128K and 2×64K 0.99-1.00 / 0.99-1.00 / 0.98-0.99x (two
+    waves of 32-tile chunks where 4 warps run one of 42). 64×16K (one split instead of two) is not
+    measured yet; 16×64K, with the same 1.94 waves against 2.9, was level with 8 warps on the 4-warp
+    rule's splits.
+    """
+    return 8 if head_dim == 128 else 4
 
 
 @gluon.constexpr_function

@@ -199,6 +199,36 @@ def test_workspace_splits_bound_the_default():
         assert int(default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 1 << 20, sms=132).max()) <= cap
 
 
+@pytest.mark.parametrize("batch,ctx,splits", [(1, 131072, 64), (4, 65536, 16), (16, 65536, 4), (32, 32768, 2),
+                                              (64, 16384, 1)])
+def test_default_splits_fill_whole_waves_of_two_programs_per_sm(batch, ctx, splits):
+    # The d=128 Gluon decode's 8-warp programs: two per SM, so a third fewer splits.
+    got = default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 128, sms=132, programs_per_sm=2)
+    assert got.tolist() == [splits] * batch
+
+
+@pytest.mark.parametrize("dk,warps", [(128, 8), (64, 4)])
+def test_own_splits_are_made_for_the_programs_that_run_them(monkeypatch, rng, dk, warps):
+    # When decode_attention makes the splits for the Gluon decode, they count waves of the programs
+    # it will launch (8 warps at d=128: two per SM); splits from the caller leave the warps to it.
+    import blasst_kernels.api as api
+    import blasst_kernels.gluon_decode as gd
+
+    seen = []
+    real = api.default_num_kv_splits
+    monkeypatch.setattr(api, "_gluon_decode_applies", lambda *args: True)
+    monkeypatch.setattr(api, "default_num_kv_splits",
+                        lambda *args, **kw: seen.append(("per_sm", kw["programs_per_sm"])) or real(*args, **kw))
+    monkeypatch.setattr(gd, "gluon_decode", lambda *args, num_warps, **kw: seen.append(("warps", num_warps)))
+    ctx = make_decode([90, 40], 8, 2, dk, dk, 1, torch.float16, rng)
+    args = (ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices)
+    decode_attention(*args, threshold_scale_factor=2.0)
+    assert seen == [("per_sm", gd.CTAS_PER_SM[warps]), ("warps", warps)]
+    seen.clear()
+    decode_attention(*args, num_kv_splits=torch.ones(2, dtype=torch.int32))
+    assert seen == [("warps", None)]
+
+
 def test_default_splits_count_every_tile_of_heads(monkeypatch, rng):
     # 32 query heads on one KV head run as two 16-head tiles per split: the default split count
     # and workspace see two programs per request and split, as two KV heads would.
