@@ -4,7 +4,7 @@ travels to the GPU machine), at 4 and 8 warps.
 
 Both run the same programs and the same skip rule, so outputs must agree (to rounding: the two may
 sum a row in another order) and skip counters must be equal; each P4 shape checks that dense and at ~70 % and
-~90 %, then times every kernel dense and at those factors (CUDA-graph replays, the landed split rule),
+~90 %, then times every kernel dense and at those factors (CUDA-graph replays, the 4-warp split rule),
 as ``decode_launch_order.py``. The table's baseline is the old copy at its default launch.
 
     bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_ab.py --old old_gluon_decode.py --out $OUT
@@ -23,6 +23,7 @@ sys.path.insert(0, HERE)
 from decode_launch_order import LastSeen, experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
+import blasst_kernels.api as api  # noqa: E402
 from blasst_kernels.api import _sm_count, default_num_kv_splits  # noqa: E402
 
 
@@ -37,18 +38,25 @@ def load_old(path):
     return mod
 
 
-def eight_warps_own_waves():
+def eight_warps_own_waves(long_tiles=None):
     """8 warps with the split rule's waves counted in 8-warp programs (two per SM, not three), so
     its programs make whole 8-warp waves: at 1x128K 64 splits (two waves) instead of 48 (1.45; v17:
-    8 warps ran 0.89-0.93x there under the 4-warp rule), at 16x64K 4 instead of 6. Timing only
-    (marked ``own_splits``: other splits, other seeds, other decisions)."""
+    8 warps ran 0.89-0.93x there under the 4-warp rule), at 16x64K 4 instead of 6. ``long_tiles``:
+    the rule's :data:`~blasst_kernels.api.LONG_SPLIT_TILES` for it (two waves only when their chunks
+    are at least this long). Timing only (marked ``own_splits``: other splits, other seeds, other
+    decisions)."""
     cache = LastSeen()
 
     def launch(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, splits, max_splits, *args, **kw):
         def make():
             sms = _sm_count(q.device) * gd.CTAS_PER_SM[8] // gd.CTAS_PER_SM[4]  # the rule's slots: 3 x this
-            return default_num_kv_splits(indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"],
-                                         gd.BLOCK_N, max_splits, sms=sms)
+            landed = api.LONG_SPLIT_TILES
+            api.LONG_SPLIT_TILES = long_tiles or landed
+            try:
+                return default_num_kv_splits(indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"],
+                                             gd.BLOCK_N, max_splits, sms=sms)
+            finally:
+                api.LONG_SPLIT_TILES = landed
 
         own = cache.get((indptr,), make)
         gd.gluon_decode(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, own, max_splits, *args,
@@ -60,11 +68,13 @@ def eight_warps_own_waves():
 
 def make_variants(old):
     """``{name: launch}``: the old copy (its default, 4 warps, named as the baseline), the kernel in
-    ``kernels/`` at its default and at 4 and 8 warps, and 8 warps with waves of 8-warp programs."""
+    ``kernels/`` at its default and at 4 and 8 warps, and 8 warps with waves of 8-warp programs (two
+    waves from 32- or from 64-tile chunks)."""
     return {OLD: old.gluon_decode, "old, 8 warps": functools.partial(old.gluon_decode, num_warps=8),
             "new": gd.gluon_decode, "new, 4 warps": functools.partial(gd.gluon_decode, num_warps=4),
             "new, 8 warps": functools.partial(gd.gluon_decode, num_warps=8),
-            "new, 8 warps, own waves": eight_warps_own_waves()}
+            "new, 8 warps, own waves": eight_warps_own_waves(),
+            "new, 8 warps, own waves, long 64": eight_warps_own_waves(64)}
 
 
 def main():

@@ -151,7 +151,8 @@ class Runner:
         self.lens = self.indptr[1:] - self.indptr[:-1]
 
     def splits(self):
-        """The landed rule's splits per request."""
+        """The split rule's splits per request, in waves of 4-warp programs (its default unit; since v19
+        the API counts 8-warp waves at d=128, ``decode_ab.py``'s "own waves")."""
         return default_num_kv_splits(self.lens, HKV, gd.BLOCK_N, RULE_SPLITS)
 
     def call(self, variant, factor, splits=None, stats=None):
