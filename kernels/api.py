@@ -408,7 +408,7 @@ def _sm_count(device: torch.device) -> int:
 
 def default_num_kv_splits(
     kv_lens: torch.Tensor, kv_heads: int, block_n: int, max_kv_splits: int = 128, *, sms: Optional[int] = None,
-    programs_per_sm: int = DECODE_PROGRAMS_PER_SM,
+    programs_per_sm: int = DECODE_PROGRAMS_PER_SM, long_split_tiles: int = LONG_SPLIT_TILES,
 ) -> torch.Tensor:
     """KV splits per request, on device and without a sync (CUDA-graph safe; one small launch).
 
@@ -417,7 +417,7 @@ def default_num_kv_splits(
     (``programs_per_sm`` per SM) twice, just under: with one program per slot and wave
     the last, partial wave decides the time (H100, ``benchmarks/NOTES.md`` v8: 1.3 waves ran at
     0.85x the speed of 1.94 or 2.9, and skipping tiles makes programs unequal, which more waves
-    even out). When two waves' chunks would be shorter than :data:`LONG_SPLIT_TILES` tiles (few,
+    even out). When two waves' chunks would be shorter than ``long_split_tiles`` tiles (few,
     short requests), one wave; never shorter than :data:`MIN_SPLIT_TILES` tiles; at most
     ``max_kv_splits`` per request.
 
@@ -431,6 +431,8 @@ def default_num_kv_splits(
         sms: streaming multiprocessors; default the device's (132 on CPU).
         programs_per_sm: resident programs per SM of the kernel that runs the splits; default
             :data:`DECODE_PROGRAMS_PER_SM` (the 4-warp decode).
+        long_split_tiles: the shortest chunk, in tiles, worth a second wave; default
+            :data:`LONG_SPLIT_TILES` (the 4-warp decode).
 
     Returns:
         ``(B,)`` int32 on ``kv_lens``' device.
@@ -443,7 +445,7 @@ def default_num_kv_splits(
     if batch:
         num_kv_splits_kernel[(1,)](
             kv_lens.contiguous(), out, batch, kv_heads, max_kv_splits, int(2 * slots * _WAVE_FILL), int(slots * _WAVE_FILL),
-            LONG_SPLIT_TILES * block_n, MIN_SPLIT_TILES * block_n, BLOCK=1024,
+            long_split_tiles * block_n, MIN_SPLIT_TILES * block_n, BLOCK=1024,
         )
     return out
 
@@ -534,14 +536,14 @@ def decode_attention(
     gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, return_skip_map)
     warps = None  # splits given by the caller: the Gluon decode picks its warps for them
     if num_kv_splits is None:
-        per_sm = DECODE_PROGRAMS_PER_SM
+        waves = {}
         if gluon:  # splits in waves of the programs that will run
-            from .gluon_decode import CTAS_PER_SM, own_splits_num_warps
+            from .gluon_decode import CTAS_PER_SM, SECOND_WAVE_TILES, own_splits_num_warps
 
             warps = own_splits_num_warps(dk)
-            per_sm = CTAS_PER_SM[warps]
+            waves = dict(programs_per_sm=CTAS_PER_SM[warps], long_split_tiles=SECOND_WAVE_TILES[warps])
         num_kv_splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_heads * tiles_per_group, opts.block_n,
-                                              max_kv_splits, programs_per_sm=per_sm)
+                                              max_kv_splits, **waves)
     else:
         _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
         if num_kv_splits.shape[0] != batch:

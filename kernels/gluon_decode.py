@@ -35,12 +35,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .api import _sm_count
+from .api import LONG_SPLIT_TILES, _sm_count
 from .gluon_prefill import _log2_lambda
 from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
 
-__all__ = ["gluon_decode", "default_num_warps", "own_splits_num_warps", "BLOCK_N", "CTAS_PER_SM", "HEAD_DIMS", "MAXNREG"]
+__all__ = ["gluon_decode", "default_num_warps", "own_splits_num_warps", "BLOCK_N", "CTAS_PER_SM", "HEAD_DIMS", "MAXNREG",
+           "SECOND_WAVE_TILES"]
 
 BLOCK_N = 64  # keys per tile (the skip granularity)
 HEAD_DIMS = (64, 128)
@@ -49,6 +50,11 @@ BLOCK_H = DECODE_HEADS_PER_TILE  # rows of the mma_v2 tile: the query heads of o
 #: (134-168 registers), 8 warps two CTAs per SM at 128 (ptxas takes 124-128 alone).
 MAXNREG = {4: None, 8: 128}
 CTAS_PER_SM = {4: 3, 8: 2}
+#: For splits :func:`blasst_kernels.decode_attention` makes: the shortest chunk, in tiles, worth a
+#: second wave of programs of this many warps. H100 (``benchmarks/NOTES.md`` v19): two 8-warp waves
+#: of 32-tile chunks ran 1-2 % behind 4 warps' one wave of 42-tile chunks (1×128K, 2×64K); one
+#: 8-warp wave of 64-tile chunks ran 1-5.5 % ahead of it.
+SECOND_WAVE_TILES = {4: LONG_SPLIT_TILES, 8: 64}
 
 
 def default_num_warps(head_dim: int, programs_per_split: int, sms: int) -> int:
@@ -69,15 +75,15 @@ def default_num_warps(head_dim: int, programs_per_split: int, sms: int) -> int:
 
 def own_splits_num_warps(head_dim: int) -> int:
     """Warps per program when :func:`blasst_kernels.decode_attention` makes the splits itself: 8 for
-    head dim 128, with the split rule's waves counted in 8-warp programs (:data:`CTAS_PER_SM`), else 4.
+    head dim 128, with the split rule's waves counted in 8-warp programs (:data:`CTAS_PER_SM`,
+    :data:`SECOND_WAVE_TILES`), else 4.
 
     H100, d=128 (``benchmarks/NOTES.md`` v19, ``experiments/decode_ab.py``), × 4 warps on the 4-warp
     rule's splits, dense / ~70 % / ~90 %: 16×64K 1.00 / 1.03 / 1.02x, 32×32K 1.00 / 1.02 / 1.02x,
-    8×64K 1.00 / 1.02 / 1.01x, 4×64K 1.01 / 1.02 / 1.01x, 1×64K 1.02 / 1.05 / 1.05x, 128×8K (one
-    split either way) 1.02 / 1.01 / 1.00x; 1×128K and 2×64K 0.99-1.00 / 0.99-1.00 / 0.98-0.99x (two
-    waves of 32-tile chunks where 4 warps run one of 42). 64×16K (one split instead of two) is not
-    measured yet; 16×64K, with the same 1.94 waves against 2.9, was level with 8 warps on the 4-warp
-    rule's splits.
+    8×64K 1.00 / 1.02 / 1.01x, 4×64K 1.01 / 1.02 / 1.01x, 2×128K 1.00 / 1.02 / 1.01x, 1×256K
+    1.01 / 1.03 / 1.02x, 1×128K 1.01 / 1.05 / 1.05x, 2×64K 1.01 / 1.03 / 1.02x, 1×64K
+    1.02 / 1.05 / 1.05x; one split either way at 128×8K 1.02 / 1.01 / 1.00x; 64×16K (one split
+    instead of two) 1.02 / 1.01 / 1.02x, level with 8 warps on two.
     """
     return 8 if head_dim == 128 else 4
 

@@ -199,11 +199,11 @@ def test_workspace_splits_bound_the_default():
         assert int(default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 1 << 20, sms=132).max()) <= cap
 
 
-@pytest.mark.parametrize("batch,ctx,splits", [(1, 131072, 64), (4, 65536, 16), (16, 65536, 4), (32, 32768, 2),
-                                              (64, 16384, 1)])
+@pytest.mark.parametrize("batch,ctx,splits", [(1, 262144, 64), (1, 131072, 32), (2, 65536, 16), (1, 65536, 32),
+                                              (4, 65536, 16), (16, 65536, 4), (32, 32768, 2), (64, 16384, 1)])
 def test_default_splits_fill_whole_waves_of_two_programs_per_sm(batch, ctx, splits):
-    # The d=128 Gluon decode's 8-warp programs: two per SM, so a third fewer splits.
-    got = default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 128, sms=132, programs_per_sm=2)
+    # The d=128 Gluon decode's 8-warp programs: two per SM, a second wave only from 64-tile chunks.
+    got = default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 128, sms=132, programs_per_sm=2, long_split_tiles=64)
     assert got.tolist() == [splits] * batch
 
 
@@ -217,13 +217,13 @@ def test_own_splits_are_made_for_the_programs_that_run_them(monkeypatch, rng, dk
     seen = []
     real = api.default_num_kv_splits
     monkeypatch.setattr(api, "_gluon_decode_applies", lambda *args: True)
-    monkeypatch.setattr(api, "default_num_kv_splits",
-                        lambda *args, **kw: seen.append(("per_sm", kw["programs_per_sm"])) or real(*args, **kw))
+    monkeypatch.setattr(api, "default_num_kv_splits", lambda *args, **kw: seen.append(
+        ("waves", kw["programs_per_sm"], kw["long_split_tiles"])) or real(*args, **kw))
     monkeypatch.setattr(gd, "gluon_decode", lambda *args, num_warps, **kw: seen.append(("warps", num_warps)))
     ctx = make_decode([90, 40], 8, 2, dk, dk, 1, torch.float16, rng)
     args = (ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr, ctx.kv_indices)
     decode_attention(*args, threshold_scale_factor=2.0)
-    assert seen == [("per_sm", gd.CTAS_PER_SM[warps]), ("warps", warps)]
+    assert seen == [("waves", gd.CTAS_PER_SM[warps], gd.SECOND_WAVE_TILES[warps]), ("warps", warps)]
     seen.clear()
     decode_attention(*args, num_kv_splits=torch.ones(2, dtype=torch.int32))
     assert seen == [("warps", None)]
