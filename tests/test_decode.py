@@ -196,7 +196,10 @@ def test_workspace_splits_bound_the_default():
     for batch, ctx in ((1, 131072), (4, 65536), (16, 65536), (128, 8192)):
         cap = workspace_kv_splits(batch, 8, 132)
         assert 16 <= cap <= 128
-        assert int(default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 1 << 20, sms=132).max()) <= cap
+        for per_sm, long_tiles in ((3, 32), (2, 64)):  # the 4- and 8-warp decode's waves
+            got = default_num_kv_splits(torch.full((batch,), ctx), 8, 64, 1 << 20, sms=132, programs_per_sm=per_sm,
+                                        long_split_tiles=long_tiles)
+            assert int(got.max()) <= cap
 
 
 @pytest.mark.parametrize("batch,ctx,splits", [(1, 262144, 64), (1, 131072, 32), (2, 65536, 16), (1, 65536, 32),
