@@ -23,8 +23,7 @@ sys.path.insert(0, HERE)
 from decode_launch_order import LastSeen, experiment_parser, run_experiment  # noqa: E402  (puts benchmarks/ on the path)
 
 import blasst_kernels.gluon_decode as gd  # noqa: E402
-import blasst_kernels.api as api  # noqa: E402
-from blasst_kernels.api import _sm_count, default_num_kv_splits  # noqa: E402
+from blasst_kernels.api import LONG_SPLIT_TILES, default_num_kv_splits  # noqa: E402
 
 
 OLD = "old"
@@ -38,25 +37,20 @@ def load_old(path):
     return mod
 
 
-def eight_warps_own_waves(long_tiles=None):
+def eight_warps_own_waves(long_tiles=LONG_SPLIT_TILES):
     """8 warps with the split rule's waves counted in 8-warp programs (two per SM, not three), so
     its programs make whole 8-warp waves: at 1x128K 64 splits (two waves) instead of 48 (1.45; v17:
     8 warps ran 0.89-0.93x there under the 4-warp rule), at 16x64K 4 instead of 6. ``long_tiles``:
-    the rule's :data:`~blasst_kernels.api.LONG_SPLIT_TILES` for it (two waves only when their chunks
-    are at least this long). Timing only (marked ``own_splits``: other splits, other seeds, other
-    decisions)."""
+    the shortest chunk, in tiles, for a second wave (the API's since v19:
+    ``gluon_decode.SECOND_WAVE_TILES[8]``, 64). Timing only (marked ``own_splits``: other splits,
+    other seeds, other decisions)."""
     cache = LastSeen()
 
     def launch(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, splits, max_splits, *args, **kw):
         def make():
-            sms = _sm_count(q.device) * gd.CTAS_PER_SM[8] // gd.CTAS_PER_SM[4]  # the rule's slots: 3 x this
-            landed = api.LONG_SPLIT_TILES
-            api.LONG_SPLIT_TILES = long_tiles or landed
-            try:
-                return default_num_kv_splits(indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"],
-                                             gd.BLOCK_N, max_splits, sms=sms)
-            finally:
-                api.LONG_SPLIT_TILES = landed
+            return default_num_kv_splits(indptr[1:] - indptr[:-1], k_buffer.shape[1] * kw["tiles_per_group"],
+                                         gd.BLOCK_N, max_splits, programs_per_sm=gd.CTAS_PER_SM[8],
+                                         long_split_tiles=long_tiles)
 
         own = cache.get((indptr,), make)
         gd.gluon_decode(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, own, max_splits, *args,
