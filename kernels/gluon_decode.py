@@ -35,7 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .api import LONG_SPLIT_TILES, _sm_count
+from .api import DECODE_PROGRAMS_PER_SM, LONG_SPLIT_TILES, _sm_count
 from .gluon_prefill import _log2_lambda
 from .reference import DECODE_HEADS_PER_TILE
 from .triton_decode import decode_merge_kernel
@@ -49,7 +49,7 @@ BLOCK_H = DECODE_HEADS_PER_TILE  # rows of the mma_v2 tile: the query heads of o
 #: Warps per program a launch may use, and their register cap: 4 warps fit three CTAs per SM uncapped
 #: (134-168 registers), 8 warps two CTAs per SM at 128 (ptxas takes 124-128 alone).
 MAXNREG = {4: None, 8: 128}
-CTAS_PER_SM = {4: 3, 8: 2}
+CTAS_PER_SM = {4: DECODE_PROGRAMS_PER_SM, 8: 2}  # resident CTAs per SM by warps per program
 #: For splits :func:`blasst_kernels.decode_attention` makes: the shortest chunk, in tiles, worth a
 #: second wave of programs of this many warps. H100 (``benchmarks/NOTES.md`` v19): two 8-warp waves
 #: of 32-tile chunks ran 1-2 % behind 4 warps' one wave of 42-tile chunks (1×128K, 2×64K); one
