@@ -5,11 +5,13 @@ Pure PyTorch + Triton; no SGLang import. Installed as ``blasst_kernels``.
 
 from .api import (
     SUPPORTED_HEAD_DIMS,
+    DecodeSplits,
     KernelOptions,
     decode_attention,
     default_num_kv_splits,
     default_options,
     extend_attention,
+    plan_decode_splits,
     prefill_attention,
     workspace_kv_splits,
 )
@@ -18,6 +20,7 @@ from .threshold import log_lambda, validate_scale_factor
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
+    "DecodeSplits",
     "KernelOptions",
     "ReferenceResult",
     "TileState",
@@ -27,6 +30,7 @@ __all__ = [
     "default_options",
     "extend_attention",
     "log_lambda",
+    "plan_decode_splits",
     "prefill_attention",
     "prefill_reference",
     "validate_scale_factor",

@@ -34,6 +34,8 @@ __all__ = [
     "extend_attention",
     "prefill_attention",
     "decode_attention",
+    "DecodeSplits",
+    "plan_decode_splits",
     "default_num_kv_splits",
     "workspace_kv_splits",
     "SUPPORTED_HEAD_DIMS",
@@ -458,6 +460,85 @@ def workspace_kv_splits(batch: int, kv_heads: int, sms: int) -> int:
     return max(16, min(128, 2 * -(-programs // max(batch * kv_heads, 1))))
 
 
+@dataclass(frozen=True)
+class DecodeSplits:
+    """How a decode batch's keys are split over programs (split-KV), made once per batch by
+    :func:`plan_decode_splits` and passed as ``num_kv_splits=`` to every layer's
+    :func:`decode_attention`: one small launch per batch instead of one per layer.
+
+    Attributes:
+        num_kv_splits: ``(B,)`` int32 splits per request, on the device.
+        max_kv_splits: the workspaces' split dimension (``partial_out (B, Hq, max_kv_splits, Dv)``).
+        num_warps: the Gluon decode's warps per program the splits were sized for (their waves are
+            counted in those programs); ``None``: sized for the Triton decode, the launch picks.
+    """
+
+    num_kv_splits: torch.Tensor
+    max_kv_splits: int
+    num_warps: Optional[int]
+
+
+def plan_decode_splits(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    *,
+    max_kv_splits: Optional[int] = None,
+    options: Optional[KernelOptions] = None,
+) -> DecodeSplits:
+    """The splits :func:`decode_attention` makes when given none, for a batch whose layers share
+    ``kv_indptr`` and the shapes, dtype and layout of ``q``/``k_buffer``/``v_buffer`` (one layer's
+    serve for all). On the device, no sync: CUDA graphs capture its launch.
+
+    Args:
+        q, k_buffer, v_buffer, kv_indptr, options: as for :func:`decode_attention`.
+        max_kv_splits: most splits per request; default :func:`workspace_kv_splits`.
+
+    Returns:
+        A :class:`DecodeSplits`; allocate the workspaces with its ``max_kv_splits``.
+    """
+    batch, _, dk, kv_tiles, _ = _decode_shapes(q, k_buffer, v_buffer)
+    _check_indptr("kv_indptr", kv_indptr, batch, q.device)
+    if max_kv_splits is None:
+        max_kv_splits = workspace_kv_splits(batch, kv_tiles, _sm_count(q.device))
+    if max_kv_splits < 1:
+        raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
+    opts = options or default_options(dk, v_buffer.shape[2], "decode")
+    gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, False)
+    return _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
+
+
+def _own_splits(kv_indptr, kv_tiles: int, head_dim: int, block_n: int, max_kv_splits: int, gluon: bool) -> DecodeSplits:
+    """:func:`default_num_kv_splits` in waves of the programs that will run them."""
+    warps, waves = None, {}
+    if gluon:
+        from .gluon_decode import CTAS_PER_SM, SECOND_WAVE_TILES, own_splits_num_warps
+
+        warps = own_splits_num_warps(head_dim)
+        waves = dict(programs_per_sm=CTAS_PER_SM[warps], long_split_tiles=SECOND_WAVE_TILES[warps])
+    splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_tiles, block_n, max_kv_splits, **waves)
+    return DecodeSplits(splits, max_kv_splits, warps)
+
+
+def _decode_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> Tuple[int, int, int, int, int]:
+    """Validated decode shapes: ``(B, Hq, Dk, decode tiles of heads per request, Dv)``."""
+    _check_tensor("q", q, 3, q.device, _SUPPORTED_DTYPES)
+    batch, num_heads, dk = q.shape
+    _check_tensor("k_buffer", k_buffer, 3, q.device, (q.dtype,))
+    _check_tensor("v_buffer", v_buffer, 3, q.device, (q.dtype,))
+    kv_heads, dv = k_buffer.shape[1], v_buffer.shape[2]
+    if k_buffer.shape[2] != dk or v_buffer.shape[1] != kv_heads:
+        raise ValueError(
+            f"Invalid shape of k_buffer/v_buffer: expected (slots, Hkv, {dk}) / (slots, Hkv, Dv), "
+            f"got {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)}"
+        )
+    if num_heads % kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
+    _, tiles_per_group = decode_head_blocks(num_heads // kv_heads)
+    return batch, num_heads, dk, kv_heads * tiles_per_group, dv
+
+
 def decode_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -467,7 +548,7 @@ def decode_attention(
     *,
     sm_scale: Optional[float] = None,
     threshold_scale_factor: ScaleFactor = None,
-    num_kv_splits: Optional[torch.Tensor] = None,
+    num_kv_splits: Union[torch.Tensor, DecodeSplits, None] = None,
     max_kv_splits: Optional[int] = None,
     stats: Optional[torch.Tensor] = None,
     return_skip_map: bool = False,
@@ -485,11 +566,12 @@ def decode_attention(
         kv_indptr, kv_indices: each request's whole context as token slots (see module doc).
         threshold_scale_factor: see module doc; λ uses each request's KV length.
         num_kv_splits: ``(B,)`` int32 splits per request (values above ``max_kv_splits`` are
-            clamped to it); default :func:`default_num_kv_splits`. Every split counts each head's
+            clamped to it), or a :class:`DecodeSplits` plan (its splits, workspace size and warps);
+            default: :func:`plan_decode_splits`'s. Every split counts each head's
             max over the last tile as seen, and splits after the first over tile 0 too (see
             :mod:`blasst_kernels.reference`), so the split count barely moves what is skipped.
-        max_kv_splits: most splits per request, the workspaces' size; default: the workspaces'
-            when given, else :func:`workspace_kv_splits`.
+        max_kv_splits: most splits per request, the workspaces' size; default: a plan's, the
+            workspaces' when given, else :func:`workspace_kv_splits`.
         stats: optional ``(Hq, 2)`` int32 counters (tiles visited, skipped); a decode tile's counts
             are added to each of its heads.
         return_skip_map: also return an int8 ``(B, G, ceil(max_kv_len / block_n))`` TileState map,
@@ -506,48 +588,35 @@ def decode_attention(
     """
     from .triton_decode import launch_decode
 
-    _check_tensor("q", q, 3, q.device, _SUPPORTED_DTYPES)
+    batch, num_heads, dk, kv_tiles, dv = _decode_shapes(q, k_buffer, v_buffer)
     device = q.device
-    batch, num_heads, dk = q.shape
-    _check_tensor("k_buffer", k_buffer, 3, device, (q.dtype,))
-    _check_tensor("v_buffer", v_buffer, 3, device, (q.dtype,))
-    kv_heads, dv = k_buffer.shape[1], v_buffer.shape[2]
-    if k_buffer.shape[2] != dk or v_buffer.shape[1] != kv_heads:
-        raise ValueError(
-            f"Invalid shape of k_buffer/v_buffer: expected (slots, Hkv, {dk}) / (slots, Hkv, Dv), "
-            f"got {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)}"
-        )
-    if num_heads % kv_heads:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({kv_heads})")
-    group = num_heads // kv_heads
-    per_tile, tiles_per_group = decode_head_blocks(group)
+    per_tile, tiles_per_group = decode_head_blocks(num_heads // k_buffer.shape[1])
     block_d, block_dpe, block_dv = _head_dims(dk, dv)
     _check_indptr("kv_indptr", kv_indptr, batch, device)
     _check_tensor("kv_indices", kv_indices, 1, device, (torch.int32, torch.int64))
-    if max_kv_splits is None:
+    if isinstance(num_kv_splits, DecodeSplits):
+        if max_kv_splits not in (None, num_kv_splits.max_kv_splits):
+            raise ValueError(f"max_kv_splits={max_kv_splits} contradicts the plan's {num_kv_splits.max_kv_splits}")
+        max_kv_splits = num_kv_splits.max_kv_splits
+    elif max_kv_splits is None:
         if partial_out is not None and partial_out.dim() == 4:
             max_kv_splits = partial_out.shape[2]
         else:
-            max_kv_splits = workspace_kv_splits(batch, kv_heads * tiles_per_group, _sm_count(device))
+            max_kv_splits = workspace_kv_splits(batch, kv_tiles, _sm_count(device))
     if max_kv_splits < 1:
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
     _check_runnable(q)
     opts = options or default_options(dk, dv, "decode")
     gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, return_skip_map)
-    warps = None  # splits given by the caller: the Gluon decode picks its warps for them
     if num_kv_splits is None:
-        waves = {}
-        if gluon:  # splits in waves of the programs that will run
-            from .gluon_decode import CTAS_PER_SM, SECOND_WAVE_TILES, own_splits_num_warps
-
-            warps = own_splits_num_warps(dk)
-            waves = dict(programs_per_sm=CTAS_PER_SM[warps], long_split_tiles=SECOND_WAVE_TILES[warps])
-        num_kv_splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_heads * tiles_per_group, opts.block_n,
-                                              max_kv_splits, **waves)
-    else:
-        _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
-        if num_kv_splits.shape[0] != batch:
-            raise ValueError(f"Invalid shape of num_kv_splits: expected ({batch},), got {tuple(num_kv_splits.shape)}")
+        num_kv_splits = _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
+    warps = None  # splits given as a tensor: the Gluon decode picks its warps for them
+    if isinstance(num_kv_splits, DecodeSplits):
+        warps = num_kv_splits.num_warps
+        num_kv_splits = num_kv_splits.num_kv_splits
+    _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
+    if num_kv_splits.shape[0] != batch:
+        raise ValueError(f"Invalid shape of num_kv_splits: expected ({batch},), got {tuple(num_kv_splits.shape)}")
     scale = _scale_tensor(threshold_scale_factor, num_heads, device)
     stats = _stats_tensor(stats, num_heads, device)
     out = _output(out, (batch, num_heads, dv), q)
@@ -562,7 +631,7 @@ def decode_attention(
     skip_map = None
     if return_skip_map:
         n_t = -(-int((kv_indptr[1:] - kv_indptr[:-1]).max()) // opts.block_n) if batch else 0
-        skip_map = torch.zeros(batch, kv_heads * tiles_per_group, max(n_t, 1), dtype=torch.int8, device=device)
+        skip_map = torch.zeros(batch, kv_tiles, max(n_t, 1), dtype=torch.int8, device=device)
     sm_scale = 1.0 / math.sqrt(dk) if sm_scale is None else float(sm_scale)
     if gluon:
         from .gluon_decode import gluon_decode

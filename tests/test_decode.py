@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from blasst_kernels import (KernelOptions, TileState, decode_attention, decode_reference, default_num_kv_splits, log_lambda,
-                            workspace_kv_splits)
+from blasst_kernels import (DecodeSplits, KernelOptions, TileState, decode_attention, decode_reference, default_num_kv_splits,
+                            log_lambda, plan_decode_splits, workspace_kv_splits)
 from blasst_kernels.reference import decode_tile_of_head
 from blasst_kernels.api import DECODE_PROGRAMS_PER_SM
 from blasst_kernels.triton_decode import _v_in_k
@@ -230,6 +230,34 @@ def test_own_splits_are_made_for_the_programs_that_run_them(monkeypatch, rng, dk
     seen.clear()
     decode_attention(*args, num_kv_splits=torch.ones(2, dtype=torch.int32))
     assert seen == [("warps", None)]
+    seen.clear()  # a plan made once keeps its warps and launches no split rule of its own
+    plan = plan_decode_splits(ctx.q, ctx.k_buffer, ctx.v_buffer, ctx.kv_indptr)
+    decode_attention(*args, num_kv_splits=plan)
+    assert plan.num_warps == warps
+    assert seen == [("waves", gd.CTAS_PER_SM[warps], gd.SECOND_WAVE_TILES[warps]), ("warps", warps)]
+
+
+def test_a_plan_serves_every_layer_of_a_batch(rng):
+    # What a server does: plan once per batch, then every layer's call with its own K/V and
+    # factors; each must give what the call would give planning for itself.
+    hq, hkv, d = 8, 2, 64
+    layers = [make_decode([2100, 90, 1], hq, hkv, d, d, 16, torch.float32, rng) for _ in range(2)]
+    first = layers[0]
+    plan = plan_decode_splits(first.q, first.k_buffer, first.v_buffer, first.kv_indptr)
+    assert isinstance(plan, DecodeSplits) and plan.max_kv_splits == workspace_kv_splits(3, hkv, 132)
+    assert torch.equal(plan.num_kv_splits, default_num_kv_splits(first.kv_indptr.diff(), hkv, 64, plan.max_kv_splits))
+    assert plan.num_kv_splits.tolist() == [3, 1, 1]  # chunks of at least 16 tiles
+    for ctx, factor in zip(layers, (2.0, 50.0)):
+        args = (ctx.q, ctx.k_buffer, ctx.v_buffer, first.kv_indptr, ctx.kv_indices)
+        stats = [torch.zeros(hq, 2, dtype=torch.int32) for _ in range(2)]
+        planned = decode_attention(*args, threshold_scale_factor=factor, num_kv_splits=plan, stats=stats[0])
+        alone = decode_attention(*args, threshold_scale_factor=factor, stats=stats[1])
+        assert torch.equal(planned, alone) and torch.equal(*stats)
+    with pytest.raises(ValueError, match="contradicts the plan"):
+        decode_attention(*args, num_kv_splits=plan, max_kv_splits=plan.max_kv_splits + 1)
+    short = make_decode([50, 60], hq, hkv, d, d, 16, torch.float32, rng)
+    with pytest.raises(ValueError, match="num_kv_splits"):  # a plan of another batch
+        decode_attention(short.q, short.k_buffer, short.v_buffer, short.kv_indptr, short.kv_indices, num_kv_splits=plan)
 
 
 def test_default_splits_count_every_tile_of_heads(monkeypatch, rng):
