@@ -34,6 +34,7 @@ from blasst_kernels import (  # noqa: E402
     default_options,
     extend_attention,
     log_lambda,
+    plan_decode_splits,
     prefill_attention,
     prefill_reference,
 )
@@ -244,10 +245,71 @@ def check_decode_graph(dk, dv, group, dtype, gen):
     return {"rel_err": worst, "counts_equal": bool(counts_ok), "ok": worst < 1e-6 and counts_ok}
 
 
+def check_decode_plan_graph(dk, dv, group, dtype, gen):
+    """Decode as the SGLang backend serves it: one :func:`plan_decode_splits` per batch, made inside
+    the CUDA-graph capture and shared by two layers' calls (one skipping, one dense). Replays after
+    the requests changed length (new ``kv_indptr``/``kv_indices`` in the captured buffers) must
+    match eager calls that plan for the new lengths: outputs, counters and the splits themselves
+    (a plan frozen at capture would split otherwise and decide otherwise)."""
+    hkv = 2
+    hq = hkv * group
+    most = [3000, 9000, 600]
+    ctx = to_cuda(make_batch(most, [1] * 3, hq, hkv, dk, dv, 16, dtype, gen, sink_every=97, lean_per_kv_head=True))
+    slots = [ctx.kv_indices[int(ctx.kv_indptr[b]) : int(ctx.kv_indptr[b + 1])] for b in range(3)]
+    indptr = torch.zeros(4, dtype=torch.int32, device="cuda")
+    indices = torch.empty_like(ctx.kv_indices)
+
+    def set_lens(lens):
+        indptr.copy_(torch.tensor([0] + lens, dtype=torch.int32).cumsum(0))
+        indices[: sum(lens)] = torch.cat([s[:n] for s, n in zip(slots, lens)])
+
+    q = ctx.q.clone()
+    factor = torch.full((hq,), 50.0, device="cuda")
+    stats = torch.zeros(hq, 2, dtype=torch.int32, device="cuda")
+    outs = [torch.empty(3, hq, dv, dtype=dtype, device="cuda") for _ in range(2)]
+    planned = []
+
+    def step():
+        plan = plan_decode_splits(q, ctx.k_buffer, ctx.v_buffer, indptr)
+        part_o = torch.empty(3, hq, plan.max_kv_splits, dv, device="cuda")
+        part_lse = torch.empty(3, hq, plan.max_kv_splits, device="cuda")
+        for f, st, out in ((factor, stats, outs[0]), (None, None, outs[1])):
+            decode_attention(q, ctx.k_buffer, ctx.v_buffer, indptr, indices, threshold_scale_factor=f, num_kv_splits=plan,
+                             stats=st, out=out, partial_out=part_o, partial_lse=part_lse)
+        planned[:] = [plan]
+
+    set_lens([100, 200, 50])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    worst, counts_ok, splits_ok = 0.0, True, True
+    for lens in ([2999, 9000, 1], [1500, 4097, 600], [64, 8000, 333]):
+        set_lens(lens)
+        q.copy_(torch.randn_like(q) * ctx.q.float().std().to(dtype))
+        stats.zero_()
+        graph.replay()
+        got, got_stats = [o.clone() for o in outs], stats.clone()
+        eager_stats = torch.zeros_like(stats)
+        for f, st, g in ((factor, eager_stats, got[0]), (None, None, got[1])):
+            want = decode_attention(q, ctx.k_buffer, ctx.v_buffer, indptr, indices, threshold_scale_factor=f, stats=st)
+            worst = max(worst, rel(g, want))
+        counts_ok &= torch.equal(got_stats, eager_stats)
+        eager_plan = plan_decode_splits(q, ctx.k_buffer, ctx.v_buffer, indptr)
+        splits_ok &= torch.equal(planned[0].num_kv_splits, eager_plan.num_kv_splits)
+    return {"rel_err": worst, "counts_equal": bool(counts_ok), "splits_equal": bool(splits_ok),
+            "splits": planned[0].num_kv_splits.tolist(), "ok": worst < 1e-6 and counts_ok and splits_ok}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--phases", default="extend,no-prefix,prefix,no-prefix-spec,prefix-spec,padding,decode,decode-graph",
+    ap.add_argument("--phases",
+                    default="extend,no-prefix,prefix,no-prefix-spec,prefix-spec,padding,decode,decode-graph,decode-plan-graph",
                     help="comma-separated subset of the checks to run")
     ap.add_argument("--dims", default=None, help="head-dim pairs to check, e.g. 128x128,64x64 (default: all)")
     args = ap.parse_args()
@@ -266,10 +328,11 @@ def main():
                                   ("no-prefix-spec", lambda *a: check_counters(*a, False, expected_sparsity=0.0)),
                                   ("prefix-spec", lambda *a: check_counters(*a, True, expected_sparsity=0.0)),
                                   ("padding", check_padding), ("decode", check_decode),
-                                  ("decode-graph", check_decode_graph)):
-                    if phase not in phases or (group > 16 and phase not in ("decode", "decode-graph")):
+                                  ("decode-graph", check_decode_graph),
+                                  ("decode-plan-graph", check_decode_plan_graph)):
+                    if phase not in phases or (group > 16 and not phase.startswith("decode")):
                         continue
-                    if phase == "decode-graph" and ((dk, dv) not in ((64, 64), (128, 128)) or dtype == torch.float32):
+                    if phase.startswith("decode-") and ((dk, dv) not in ((64, 64), (128, 128)) or dtype == torch.float32):
                         continue  # the Gluon decode's cases (the others run the Triton kernel)
                     if phase == "decode" and (dk, dv) == (192, 128):
                         continue  # MLA decode uses the absorbed 576/512 form
@@ -279,7 +342,7 @@ def main():
                         continue  # MLA prefill goes through extend_attention with a prefix
                     # The Gluon decode's d=128 builds at both warp counts (its rule picks 8 only for
                     # batches far larger than these).
-                    gluon_d128 = phase.startswith("decode") and (dk, dv) == (128, 128) and dtype != torch.float32
+                    gluon_d128 = phase in ("decode", "decode-graph") and (dk, dv) == (128, 128) and dtype != torch.float32
                     for warps in (4, 8) if gluon_d128 else (None,):
                         row = {"phase": phase, "dk": dk, "dv": dv, "dtype": str(dtype), "group": group, "warps": warps}
                         try:
