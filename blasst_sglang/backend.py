@@ -6,7 +6,9 @@ entry points (``extend_attention_fwd``, ``decode_attention_fwd``, instance attri
 ``__init__``) are replaced by adapters that call :func:`blasst_kernels.extend_attention` /
 :func:`blasst_kernels.decode_attention` with this layer's threshold scale factors, or, for what
 BLASST does not support in a call, SGLang's own dense kernel (counted in :attr:`fallbacks` and
-logged once per reason).
+logged once per reason). BLASST's decode splits each batch's keys its own way
+(:func:`blasst_kernels.plan_decode_splits`, once per batch); SGLang's split counts and
+workspaces serve its dense kernel only.
 
 Factors are ``(num_layers, num_local_heads)`` float32 tables kept on the device, one per phase;
 a layer passes its row (``(num_local_heads,)``, a view: no copy, CUDA-graph safe).
@@ -24,7 +26,7 @@ import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -127,6 +129,9 @@ class BlasstAttnBackend(TritonAttnBackend):
         )
         self._layer = None
         self._prefix_lens_cpu = None
+        # This batch's decode plan (its kv_indptr, the shapes planned for, splits, two workspaces),
+        # made by its first BLASST decode call: see _planned_decode.
+        self._decode_plan: Optional[Tuple[torch.Tensor, tuple, blasst_kernels.DecodeSplits, torch.Tensor, torch.Tensor]] = None
         self._dense_extend = self.extend_attention_fwd
         self._dense_decode = self.decode_attention_fwd
         # Kept out of torch.compile'd graphs, as SGLang does for its own kernels.
@@ -143,10 +148,12 @@ class BlasstAttnBackend(TritonAttnBackend):
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
+        self._decode_plan = None
         self._count_batch()
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        self._decode_plan = None
         if not in_capture:
             self._count_batch()
 
@@ -180,6 +187,12 @@ class BlasstAttnBackend(TritonAttnBackend):
         if self.counters is None:
             raise RuntimeError("skip counters are off: start with --blasst-stats [N] (or BLASST_STATS=N)")
         return self.counters.report()
+
+    @property
+    def decode_splits(self) -> Optional[torch.Tensor]:
+        """``(B,)`` int32 KV splits per request of this batch's BLASST decode calls (device); ``None``
+        before the batch's first one. BLASST's own, not SGLang's: see :meth:`_planned_decode`."""
+        return None if self._decode_plan is None else self._decode_plan[2].num_kv_splits
 
     def reset_stats(self) -> None:
         """Zero the skip counters and the batch count."""
@@ -239,7 +252,8 @@ class BlasstAttnBackend(TritonAttnBackend):
         """Drop-in for SGLang's ``decode_attention_fwd`` (same arguments): BLASST, or dense fallback.
 
         ``q (B, Hq, Dk)``, ``o (B, Hq, Dv)``, KV buffers ``(slots, Hkv, D)``, ``kv_indptr (B + 1,)``
-        (CUDA graphs: exactly ``B + 1``), ``num_kv_splits`` int32 with at least ``B`` entries.
+        (CUDA graphs: exactly ``B + 1``). SGLang's splits and workspaces (``num_kv_splits``,
+        ``max_kv_splits``, ``attn_logits``, ``attn_lse``) serve its dense fallback only.
         """
         batch = q.shape[0]
         reason = (
@@ -254,14 +268,37 @@ class BlasstAttnBackend(TritonAttnBackend):
             )
         layer_id = self._layer.layer_id
         stats = self.counters.scratch if self.counters is not None else None
+        plan, partial_out, partial_lse = self._planned_decode(q, k_buffer, v_buffer, o, kv_indptr)
         blasst_kernels.decode_attention(
             q, k_buffer, v_buffer, kv_indptr, kv_indices,
             sm_scale=sm_scale, threshold_scale_factor=self._factors["decode"].for_layer(layer_id),
-            num_kv_splits=num_kv_splits[:batch], max_kv_splits=max_kv_splits, stats=stats, out=o,
-            partial_out=attn_logits, partial_lse=attn_lse, options=self._options("decode", q, o),
+            num_kv_splits=plan, stats=stats, out=o, partial_out=partial_out, partial_lse=partial_lse,
+            options=self._options("decode", q, o),
         )
         if stats is not None:
             self.counters.commit("decode", layer_id)
+
+    def _planned_decode(self, q, k_buffer, v_buffer, o, kv_indptr):
+        """This batch's :class:`blasst_kernels.DecodeSplits` and ``(B, Hq, max_kv_splits, Dv)`` /
+        ``(B, Hq, max_kv_splits)`` float32 workspaces, made by its first decode call and shared by
+        the layers after it (one split-rule launch a batch, captured with the graph).
+
+        SGLang's splits are not used: its workspaces hold ``--triton-attention-num-kv-splits`` (8)
+        and its rule gives a batch of one 8 splits, 64 programs for 8 KV heads on an H100's 132
+        SMs; BLASST's rule fills the GPU with the programs of its own decode (H100, bf16, 32/8 heads,
+        d=128: ``benchmarks/NOTES.md`` v20). SGLang's splits and workspaces stay with its dense
+        fallback. A plan made outside a graph capture is not reused inside one: the capture must
+        record the launch that makes the splits, or replays would keep the warm-up batch's.
+        """
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        shapes = (q.shape, q.dtype, k_buffer.shape[1:], v_buffer.shape[1:], o.shape[-1], capturing)
+        if self._decode_plan is None or self._decode_plan[0] is not kv_indptr or self._decode_plan[1] != shapes:
+            plan = blasst_kernels.plan_decode_splits(q, k_buffer, v_buffer, kv_indptr, options=self._options("decode", q, o))
+            batch, heads, dv = q.shape[0], q.shape[1], o.shape[-1]
+            partial_out = torch.empty(batch, heads, plan.max_kv_splits, dv, dtype=torch.float32, device=q.device)
+            partial_lse = torch.empty(batch, heads, plan.max_kv_splits, dtype=torch.float32, device=q.device)
+            self._decode_plan = (kv_indptr, shapes, plan, partial_out, partial_lse)
+        return self._decode_plan[2:]
 
     def _options(self, phase: str, q: torch.Tensor, o: torch.Tensor, layer_id: Optional[int] = None) -> blasst_kernels.KernelOptions:
         """Kernel options for ``phase`` at these head dims: the kernels' defaults, with the tile sizes

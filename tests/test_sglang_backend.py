@@ -34,7 +34,8 @@ from blasst_sglang.backend import BlasstAttnBackend  # noqa: E402
 from blasst_sglang.config import BlasstConfig  # noqa: E402
 from helpers import MARGIN_TOL, REL_TOL, peaked, rel_err  # noqa: E402
 
-#: KV splits per decode request (SGLang's --triton-attention-num-kv-splits; on CPU every request gets all).
+#: KV splits per decode request of SGLang's dense kernel (its --triton-attention-num-kv-splits; on CPU
+#: every request gets all). BLASST's decode makes its own.
 KV_SPLITS = 2
 
 
@@ -152,7 +153,7 @@ def reference(batch: Batch, factors, num_kv_splits=None):
 def check_against_reference(batch: Batch, backend: BlasstAttnBackend, out: torch.Tensor, factors) -> float:
     """Output and counters of one forward against the reference; returns the reference's sparsity."""
     phase = "decode" if batch.decode else "prefill"
-    refs = reference(batch, factors, backend.forward_metadata.num_kv_splits if batch.decode else None)
+    refs = reference(batch, factors, backend.decode_splits if batch.decode else None)
     report = backend.sparsity_report()
     visited = sum(r[1] for r in refs)
     skipped = sum(r[2] for r in refs)
@@ -230,10 +231,37 @@ def test_extend_matches_reference(page_size, dtype, rng):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_matches_reference(page_size, rng):
     # A KV group skips a tile only when all its heads do: every head leans on the sinks here.
-    batch = make_batch(rng, "decode", 8, 2, page_size, (400, 37, 260), lean=(1.0, 1.5), strength=(1.5, 2.5))
+    batch = make_batch(rng, "decode", 8, 2, page_size, (2100, 37, 260), lean=(1.0, 1.5), strength=(1.5, 2.5))
     backend = blasst_backend(batch, BlasstConfig(decode_threshold_scale=4.0, stats_interval=1))
     sparsity = check_against_reference(batch, backend, run(backend, batch), 4.0)
     assert sparsity > 0.05, f"test data should skip tiles, got sparsity {sparsity:.2f}"
+    # BLASST's own splits, beyond what SGLang's workspaces hold: 16-tile chunks of the long request.
+    assert backend.decode_splits.tolist() == [3, 1, 1] and KV_SPLITS < 3
+
+
+def test_decode_plans_once_per_batch(rng, monkeypatch):
+    # Every layer of a batch shares its first decode call's splits and workspaces; the next batch
+    # replans, and so does a CUDA-graph capture after its eager warm-up runs (the graph must hold
+    # the launch that makes the splits, or its replays would keep the warm-up batch's).
+    batch = make_batch(rng, "decode", 8, 2, 16, (300, 40), lean=(1.0, 1.5), strength=(1.5, 2.5))
+    backend = blasst_backend(batch, BlasstConfig(decode_threshold_scale=4.0))
+    first = run(backend, batch)
+    plan = backend._decode_plan
+
+    def layer_again():
+        with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
+            out = backend.forward(batch.q.flatten(1), batch.k, batch.v, batch.layer, batch.fx.forward_batch)
+        assert torch.equal(out.view_as(first), first)
+
+    layer_again()
+    assert backend._decode_plan is plan
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    layer_again()
+    assert backend._decode_plan is not plan
+    monkeypatch.undo()
+    run(backend, batch)
+    assert backend._decode_plan is not plan and torch.equal(backend.decode_splits, plan[2].num_kv_splits)
 
 
 def test_per_head_factors_are_sliced_for_this_tp_rank(rng, tmp_path):
