@@ -488,8 +488,8 @@ def plan_decode_splits(
     options: Optional[KernelOptions] = None,
 ) -> DecodeSplits:
     """The splits :func:`decode_attention` makes when given none, for a batch whose layers share
-    ``kv_indptr`` and the shapes, dtype and layout of ``q``/``k_buffer``/``v_buffer`` (one layer's
-    serve for all). On the device, no sync: CUDA graphs capture its launch.
+    ``kv_indptr`` and the shapes, dtype and layout of ``q``/``k_buffer``/``v_buffer`` (any one layer's
+    tensors plan for all). On the device, no sync: CUDA graphs capture its launch.
 
     Args:
         q, k_buffer, v_buffer, kv_indptr, options: as for :func:`decode_attention`.
@@ -504,6 +504,7 @@ def plan_decode_splits(
         max_kv_splits = workspace_kv_splits(batch, kv_tiles, _sm_count(q.device))
     if max_kv_splits < 1:
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
+    _check_runnable(q)
     opts = options or default_options(dk, v_buffer.shape[2], "decode")
     gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, False)
     return _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
