@@ -129,9 +129,9 @@ class BlasstAttnBackend(TritonAttnBackend):
         )
         self._layer = None
         self._prefix_lens_cpu = None
-        # This batch's decode plan (its kv_indptr, the shapes planned for, splits, two workspaces),
-        # made by its first BLASST decode call: see _planned_decode.
-        self._decode_plan: Optional[Tuple[torch.Tensor, tuple, blasst_kernels.DecodeSplits, torch.Tensor, torch.Tensor]] = None
+        # This batch's decode plan (its kv_indptr, the shapes planned for, the plan), made by its
+        # first BLASST decode call: see _planned_decode.
+        self._decode_plan: Optional[Tuple[torch.Tensor, tuple, blasst_kernels.DecodeSplits]] = None
         self._dense_extend = self.extend_attention_fwd
         self._dense_decode = self.decode_attention_fwd
         # Kept out of torch.compile'd graphs, as SGLang does for its own kernels.
@@ -268,20 +268,19 @@ class BlasstAttnBackend(TritonAttnBackend):
             )
         layer_id = self._layer.layer_id
         stats = self.counters.scratch if self.counters is not None else None
-        plan, partial_out, partial_lse = self._planned_decode(q, k_buffer, v_buffer, o, kv_indptr)
         blasst_kernels.decode_attention(
             q, k_buffer, v_buffer, kv_indptr, kv_indices,
             sm_scale=sm_scale, threshold_scale_factor=self._factors["decode"].for_layer(layer_id),
-            num_kv_splits=plan, stats=stats, out=o, partial_out=partial_out, partial_lse=partial_lse,
+            num_kv_splits=self._planned_decode(q, k_buffer, v_buffer, o, kv_indptr), stats=stats, out=o,
             options=self._options("decode", q, o),
         )
         if stats is not None:
             self.counters.commit("decode", layer_id)
 
-    def _planned_decode(self, q, k_buffer, v_buffer, o, kv_indptr):
-        """This batch's :class:`blasst_kernels.DecodeSplits` and ``(B, Hq, max_kv_splits, Dv)`` /
-        ``(B, Hq, max_kv_splits)`` float32 workspaces, made by its first decode call and shared by
-        the layers after it (one split-rule launch a batch, captured with the graph).
+    def _planned_decode(self, q, k_buffer, v_buffer, o, kv_indptr) -> blasst_kernels.DecodeSplits:
+        """This batch's :class:`blasst_kernels.DecodeSplits` (splits and workspaces), made by its
+        first decode call and shared by the layers after it (one split-rule launch a batch,
+        captured with the graph).
 
         SGLang's splits are not used: its workspaces hold ``--triton-attention-num-kv-splits`` (8)
         and its rule gives a batch of one 8 splits, 64 programs for 8 KV heads on an H100's 132
@@ -291,14 +290,11 @@ class BlasstAttnBackend(TritonAttnBackend):
         record the launch that makes the splits, or replays would keep the warm-up batch's.
         """
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        shapes = (q.shape, q.dtype, k_buffer.shape[1:], v_buffer.shape[1:], o.shape[-1], capturing)
+        shapes = (q.shape, q.dtype, k_buffer.shape[1:], v_buffer.shape[1:], capturing)
         if self._decode_plan is None or self._decode_plan[0] is not kv_indptr or self._decode_plan[1] != shapes:
             plan = blasst_kernels.plan_decode_splits(q, k_buffer, v_buffer, kv_indptr, options=self._options("decode", q, o))
-            batch, heads, dv = q.shape[0], q.shape[1], o.shape[-1]
-            partial_out = torch.empty(batch, heads, plan.max_kv_splits, dv, dtype=torch.float32, device=q.device)
-            partial_lse = torch.empty(batch, heads, plan.max_kv_splits, dtype=torch.float32, device=q.device)
-            self._decode_plan = (kv_indptr, shapes, plan, partial_out, partial_lse)
-        return self._decode_plan[2:]
+            self._decode_plan = (kv_indptr, shapes, plan)
+        return self._decode_plan[2]
 
     def _options(self, phase: str, q: torch.Tensor, o: torch.Tensor, layer_id: Optional[int] = None) -> blasst_kernels.KernelOptions:
         """Kernel options for ``phase`` at these head dims: the kernels' defaults, with the tile sizes

@@ -464,18 +464,22 @@ def workspace_kv_splits(batch: int, kv_heads: int, sms: int) -> int:
 class DecodeSplits:
     """How a decode batch's keys are split over programs (split-KV), made once per batch by
     :func:`plan_decode_splits` and passed as ``num_kv_splits=`` to every layer's
-    :func:`decode_attention`: one small launch per batch instead of one per layer.
+    :func:`decode_attention`: one small launch and one pair of workspaces per batch instead of per layer.
 
     Attributes:
         num_kv_splits: ``(B,)`` int32 splits per request, on the device.
-        max_kv_splits: the workspaces' split dimension (``partial_out (B, Hq, max_kv_splits, Dv)``).
+        max_kv_splits: the workspaces' split dimension.
         num_warps: the Gluon decode's warps per program the splits were sized for (their waves are
             counted in those programs); ``None``: sized for the Triton decode, the launch picks.
+        partial_out, partial_lse: float32 ``(B, Hq, max_kv_splits, Dv)`` / ``(B, Hq, max_kv_splits)``
+            per-split results, used by the calls given no workspaces of their own.
     """
 
     num_kv_splits: torch.Tensor
     max_kv_splits: int
     num_warps: Optional[int]
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
 
 
 def plan_decode_splits(
@@ -496,30 +500,38 @@ def plan_decode_splits(
         max_kv_splits: most splits per request; default :func:`workspace_kv_splits`.
 
     Returns:
-        A :class:`DecodeSplits`; allocate the workspaces with its ``max_kv_splits``.
+        A :class:`DecodeSplits`, its workspaces allocated.
     """
-    batch, _, dk, kv_tiles, _ = _decode_shapes(q, k_buffer, v_buffer)
+    batch, num_heads, dk, kv_tiles, dv = _decode_shapes(q, k_buffer, v_buffer)
     _check_indptr("kv_indptr", kv_indptr, batch, q.device)
     if max_kv_splits is None:
         max_kv_splits = workspace_kv_splits(batch, kv_tiles, _sm_count(q.device))
     if max_kv_splits < 1:
         raise ValueError(f"max_kv_splits must be >= 1, got {max_kv_splits}")
     _check_runnable(q)
-    opts = options or default_options(dk, v_buffer.shape[2], "decode")
+    opts = options or default_options(dk, dv, "decode")
     gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, False)
-    return _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
+    splits, warps = _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
+    return DecodeSplits(splits, max_kv_splits, warps, *_decode_workspaces(batch, num_heads, max_kv_splits, dv, q.device))
 
 
-def _own_splits(kv_indptr, kv_tiles: int, head_dim: int, block_n: int, max_kv_splits: int, gluon: bool) -> DecodeSplits:
-    """:func:`default_num_kv_splits` in waves of the programs that will run them."""
+def _decode_workspaces(batch: int, num_heads: int, max_kv_splits: int, dv: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float32 per-split results: ``partial_out (B, Hq, max_kv_splits, Dv)``, ``partial_lse (B, Hq, max_kv_splits)``."""
+    return (torch.empty(batch, num_heads, max_kv_splits, dv, dtype=torch.float32, device=device),
+            torch.empty(batch, num_heads, max_kv_splits, dtype=torch.float32, device=device))
+
+
+def _own_splits(kv_indptr, kv_tiles: int, head_dim: int, block_n: int, max_kv_splits: int,
+                gluon: bool) -> Tuple[torch.Tensor, Optional[int]]:
+    """:func:`default_num_kv_splits` in waves of the programs that will run them, and their warps
+    (``None``: the Triton decode's)."""
     warps, waves = None, {}
     if gluon:
         from .gluon_decode import CTAS_PER_SM, SECOND_WAVE_TILES, own_splits_num_warps
 
         warps = own_splits_num_warps(head_dim)
         waves = dict(programs_per_sm=CTAS_PER_SM[warps], long_split_tiles=SECOND_WAVE_TILES[warps])
-    splits = default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_tiles, block_n, max_kv_splits, **waves)
-    return DecodeSplits(splits, max_kv_splits, warps)
+    return default_num_kv_splits(kv_indptr[1:] - kv_indptr[:-1], kv_tiles, block_n, max_kv_splits, **waves), warps
 
 
 def _decode_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> Tuple[int, int, int, int, int]:
@@ -567,7 +579,7 @@ def decode_attention(
         kv_indptr, kv_indices: each request's whole context as token slots (see module doc).
         threshold_scale_factor: see module doc; λ uses each request's KV length.
         num_kv_splits: ``(B,)`` int32 splits per request (values above ``max_kv_splits`` are
-            clamped to it), or a :class:`DecodeSplits` plan (its splits, workspace size and warps);
+            clamped to it), or a :class:`DecodeSplits` plan (its splits, warps and workspaces);
             default: :func:`plan_decode_splits`'s. Every split counts each head's
             max over the last tile as seen, and splits after the first over tile 0 too (see
             :mod:`blasst_kernels.reference`), so the split count barely moves what is skipped.
@@ -581,7 +593,7 @@ def decode_attention(
         out: optional ``(B, Hq, Dv)`` output buffer.
         partial_out, partial_lse: optional float32 workspaces of at least
             ``(B, Hq, max_kv_splits, Dv)`` / ``(B, Hq, max_kv_splits)`` for the per-split results
-            (SGLang's ``attn_logits`` / ``attn_lse``); allocated per call when omitted.
+            (SGLang's ``attn_logits`` / ``attn_lse``); default: a plan's, else allocated per call.
         options: tile sizes (``block_n``); default :func:`default_options`.
 
     Returns:
@@ -609,12 +621,14 @@ def decode_attention(
     _check_runnable(q)
     opts = options or default_options(dk, dv, "decode")
     gluon = bool(batch) and _gluon_decode_applies(q, k_buffer, v_buffer, opts, return_skip_map)
-    if num_kv_splits is None:
-        num_kv_splits = _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
     warps = None  # splits given as a tensor: the Gluon decode picks its warps for them
-    if isinstance(num_kv_splits, DecodeSplits):
-        warps = num_kv_splits.num_warps
-        num_kv_splits = num_kv_splits.num_kv_splits
+    if num_kv_splits is None:
+        num_kv_splits, warps = _own_splits(kv_indptr, kv_tiles, dk, opts.block_n, max_kv_splits, gluon)
+    elif isinstance(num_kv_splits, DecodeSplits):
+        plan = num_kv_splits
+        num_kv_splits, warps = plan.num_kv_splits, plan.num_warps
+        if partial_out is None or partial_lse is None:
+            partial_out, partial_lse = plan.partial_out, plan.partial_lse
     _check_tensor("num_kv_splits", num_kv_splits, 1, device, (torch.int32,))
     if num_kv_splits.shape[0] != batch:
         raise ValueError(f"Invalid shape of num_kv_splits: expected ({batch},), got {tuple(num_kv_splits.shape)}")
@@ -622,8 +636,7 @@ def decode_attention(
     stats = _stats_tensor(stats, num_heads, device)
     out = _output(out, (batch, num_heads, dv), q)
     if partial_out is None or partial_lse is None:
-        partial_out = torch.empty(batch, num_heads, max_kv_splits, dv, dtype=torch.float32, device=device)
-        partial_lse = torch.empty(batch, num_heads, max_kv_splits, dtype=torch.float32, device=device)
+        partial_out, partial_lse = _decode_workspaces(batch, num_heads, max_kv_splits, dv, device)
     for name, t, shape in (("partial_out", partial_out, (batch, num_heads, max_kv_splits, dv)),
                            ("partial_lse", partial_lse, (batch, num_heads, max_kv_splits))):
         _check_tensor(name, t, len(shape), device, (torch.float32,))

@@ -247,10 +247,13 @@ def test_a_plan_serves_every_layer_of_a_batch(rng):
     assert isinstance(plan, DecodeSplits) and plan.max_kv_splits == workspace_kv_splits(3, hkv, 132)
     assert torch.equal(plan.num_kv_splits, default_num_kv_splits(first.kv_indptr.diff(), hkv, 64, plan.max_kv_splits))
     assert plan.num_kv_splits.tolist() == [3, 1, 1]  # chunks of at least 16 tiles
+    assert plan.partial_out.shape == (3, hq, plan.max_kv_splits, d) and plan.partial_lse.shape == (3, hq, plan.max_kv_splits)
     for ctx, factor in zip(layers, (2.0, 50.0)):
         args = (ctx.q, ctx.k_buffer, ctx.v_buffer, first.kv_indptr, ctx.kv_indices)
         stats = [torch.zeros(hq, 2, dtype=torch.int32) for _ in range(2)]
+        plan.partial_lse.fill_(math.nan)
         planned = decode_attention(*args, threshold_scale_factor=factor, num_kv_splits=plan, stats=stats[0])
+        assert not plan.partial_lse[0, :, :3].isnan().any()  # the plan's workspaces hold the splits' results
         alone = decode_attention(*args, threshold_scale_factor=factor, stats=stats[1])
         assert torch.equal(planned, alone) and torch.equal(*stats)
     with pytest.raises(ValueError, match="contradicts the plan"):
