@@ -35,6 +35,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.runtime_context import get_parallel
 
 from .config import BlasstConfig
+from .hints import PrefillHints
 from .stats import SkipCounters, SparsityReport
 
 __all__ = ["BlasstAttnBackend"]
@@ -114,14 +115,16 @@ class BlasstAttnBackend(TritonAttnBackend):
             for phase, table in tables.items()
         }
         self._calibrated_tiles = self.config.calibrated_tiles()
-        # Per layer, the prefill sparsity the calibration predicts at these factors (a speed hint for
-        # the kernels, KernelOptions.expected_sparsity); None without one.
-        self._prefill_expected: Optional[List[float]] = None
+        # Per layer, the prefill sparsity measured on this server's batches (a speed hint for the
+        # kernels, KernelOptions.expected_sparsity), starting from the calibration's prediction at
+        # these factors when it has one; None while prefill is dense.
+        self.prefill_hints: Optional[PrefillHints] = None
         if tables["prefill"] is not None:
             predicted = self.config.predicted_sparsity("prefill", tables["prefill"])
+            initial = None
             if predicted is not None:
-                local = predicted[:, head_start : head_start + self.num_local_heads]
-                self._prefill_expected = local.mean(dim=1).tolist()
+                initial = predicted[:, head_start : head_start + self.num_local_heads].mean(dim=1).tolist()
+            self.prefill_hints = PrefillHints(num_layers, self.num_local_heads, self.device, initial)
         self._option_cache: Dict[tuple, blasst_kernels.KernelOptions] = {}
         self.fallbacks: Counter = Counter()
         self.counters = (
@@ -150,6 +153,8 @@ class BlasstAttnBackend(TritonAttnBackend):
         super().init_forward_metadata(forward_batch)
         self._decode_plan = None
         self._count_batch()
+        if self.prefill_hints is not None and forward_batch.forward_mode.is_extend():
+            self.prefill_hints.harvest()
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
@@ -236,13 +241,19 @@ class BlasstAttnBackend(TritonAttnBackend):
                 mask_indptr, max_extend_len, k_descale, v_descale, sm_scale, **options,
             )
         layer_id = self._layer.layer_id
-        stats = self.counters.scratch if self.counters is not None else None
+        factors = self._factors["prefill"].for_layer(layer_id)
+        # The kernel counts into the skip counters (--blasst-stats) or, for a skipping layer, into
+        # the hints' row; with both, the counters' scratch is added to the hints before it is folded.
+        hints = self.prefill_hints.stats(layer_id) if factors is not None else None
+        stats = self.counters.scratch if self.counters is not None else hints
         blasst_kernels.extend_attention(
             q, k, v, *buffers, qo_indptr, kv_indptr, kv_indices,
-            sm_scale=sm_scale, causal=True, threshold_scale_factor=self._factors["prefill"].for_layer(layer_id),
+            sm_scale=sm_scale, causal=True, threshold_scale_factor=factors,
             max_extend_len=max_extend_len, stats=stats, out=o, options=self._options("prefill", q, o, layer_id),
         )
-        if stats is not None:
+        if self.counters is not None:
+            if hints is not None:
+                hints.add_(stats)
             self.counters.commit("prefill", layer_id)
 
     def _decode_kernel(
@@ -299,11 +310,11 @@ class BlasstAttnBackend(TritonAttnBackend):
     def _options(self, phase: str, q: torch.Tensor, o: torch.Tensor, layer_id: Optional[int] = None) -> blasst_kernels.KernelOptions:
         """Kernel options for ``phase`` at these head dims: the kernels' defaults, with the tile sizes
         a calibration was measured with when the phase's factors come from one (so the sparsity
-        reached is the one targeted), and for prefill the layer's predicted sparsity as
-        ``expected_sparsity`` when a calibration gives it."""
+        reached is the one targeted), and for prefill the layer's sparsity (:class:`PrefillHints`:
+        measured, or the calibration's prediction until it is) as ``expected_sparsity``."""
         expected = None
-        if phase == "prefill" and self._prefill_expected is not None and layer_id is not None:
-            expected = self._prefill_expected[layer_id]
+        if phase == "prefill" and self.prefill_hints is not None and layer_id is not None:
+            expected = self.prefill_hints.expected[layer_id]
         key = (phase, q.shape[-1], o.shape[-1], expected)
         if key not in self._option_cache:
             opts = blasst_kernels.default_options(key[1], key[2], phase)

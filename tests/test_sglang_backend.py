@@ -315,6 +315,27 @@ def test_calibrated_prefill_passes_each_layers_predicted_sparsity(rng, tmp_path,
     assert [o.expected_sparsity for o in seen] == [pytest.approx(expected)] and 0 < expected < 1
 
 
+@pytest.mark.parametrize("stats_interval", [0, 1])
+def test_prefill_hints_are_the_sparsity_measured_on_earlier_batches(stats_interval, rng, monkeypatch):
+    """Without a calibration, a layer's first prefill has no hint; later ones carry the sparsity its
+    kernels counted before (a speed hint: results unchanged), whether or not --blasst-stats counts too."""
+    batch = make_batch(rng, "extend", 8, 2, 16, (150, 0, 70), (160, 200, 3), strength=(1.5, 2.5))
+    backend = blasst_backend(batch, BlasstConfig(prefill_threshold_scale=2.0, stats_interval=stats_interval))
+    seen = []
+    launch = blasst_kernels.extend_attention
+    monkeypatch.setattr(blasst_kernels, "extend_attention", lambda *a, **kw: seen.append(kw["options"]) or launch(*a, **kw))
+    first = run(backend, batch)
+    second = run(backend, batch)
+    assert torch.equal(first, second)
+    refs = reference(batch, 2.0)
+    visited, skipped = (int(sum(r[i] for r in refs).sum()) for i in (1, 2))
+    borderline = sum(r[3] for r in refs)
+    assert visited >= backend.prefill_hints.MIN_TILES
+    assert seen[0].expected_sparsity is None
+    assert seen[1].expected_sparsity == pytest.approx(skipped / visited, abs=0.005 + borderline / visited)
+    assert 0.05 < seen[1].expected_sparsity < 0.95
+
+
 def test_mla_mha_form_without_prefix(rng):
     """MLA's prefill (qk 192 / v 128, no prefix, cache not written): the cache is in another layout."""
     heads = 4
