@@ -7,7 +7,11 @@ barely moves with the split count, and the count is free to fill the GPU. For ea
 (:func:`blasst_kernels.default_num_kv_splits`) and at each fixed count of ``--splits`` (up to 32
 programs per SM), the skip counters at each, and the copy-bandwidth yardstick. A bf16 kernel vs
 float32 reference check at 16/4/1 splits first. ``--graph`` times CUDA-graph replays, as served
-(small shapes are otherwise host-bound).
+(small shapes are otherwise host-bound). ``--warps N`` runs every count with N warps per program
+(a :class:`blasst_kernels.DecodeSplits` plan; default: the launch's rule for given splits), the
+first row then being the API's own plan (:func:`blasst_kernels.plan_decode_splits`), and
+``--max-splits`` sets the grid's split dimension (programs past a request's splits exit at once,
+but still cost).
 
     bash benchmarks/gpu/run_bench.sh benchmarks/experiments/decode_splits.py --graph --out $OUT \
         --splits 1,2,4,8,16,32,48,64 --shapes 1x131072p16,4x65536p16,16x65536p16
@@ -28,8 +32,9 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 
 from bench_kernels import bench, decode_inputs, env_info, find_factor  # noqa: E402
 
-from blasst_kernels import TileState, decode_attention, decode_reference, default_options, log_lambda  # noqa: E402
-from blasst_kernels.api import default_num_kv_splits  # noqa: E402
+from blasst_kernels import (DecodeSplits, TileState, decode_attention, decode_reference, default_options,  # noqa: E402
+                            log_lambda, plan_decode_splits)
+from blasst_kernels.api import _decode_workspaces, default_num_kv_splits  # noqa: E402
 from blasst_kernels.reference import decode_split_len  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -73,6 +78,11 @@ def check(num_splits=16, ctx=8191, factor=600.0):
             "split_first_tiles_skipped": split_first_skipped, "ok": worst < 2e-2 and disagree == 0}
 
 
+def n_splits(sp) -> int:
+    """The first request's split count of a tensor or a plan."""
+    return int((sp.num_kv_splits if isinstance(sp, DecodeSplits) else sp)[0])
+
+
 def measured(data, factor, splits):
     stats = torch.zeros(HQ, 2, dtype=torch.int32, device="cuda")
     decode_attention(*data, threshold_scale_factor=factor, num_kv_splits=splits, max_kv_splits=MAX_SPLITS, stats=stats)
@@ -80,9 +90,9 @@ def measured(data, factor, splits):
     return s[1] / max(s[0], 1)
 
 
-def run_shape(batch, ctx, page, split_counts=()):
+def run_shape(batch, ctx, page, split_counts=(), warps=None):
     """Rows of one shape: the default split count, then each of ``split_counts`` for every request
-    (``programs_per_sm``: programs per SM that count gives)."""
+    (``programs_per_sm``: programs per SM that count gives); ``warps``: per program, for every count."""
     shape = {"batch": batch, "ctx": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": page}
     kv_bytes = 2 * batch * ctx * HKV * D * 2
     rows = []
@@ -97,12 +107,17 @@ def run_shape(batch, ctx, page, split_counts=()):
     def configs():
         """(programs per SM, splits): the default rule's, then each fixed count that fits."""
         fixed = [n for n in split_counts if batch * HKV * n <= MAX_CTAS_PER_SM * sms]
-        return [("default", default_splits(indptr))] + [
-            (round(batch * HKV * n / sms, 2), torch.full((batch,), n, dtype=torch.int32, device="cuda")) for n in fixed]
+        counts = [(round(batch * HKV * n / sms, 2), torch.full((batch,), n, dtype=torch.int32, device="cuda"))
+                  for n in fixed]
+        if warps is None:
+            return [("default", default_splits(indptr))] + counts
+        work = _decode_workspaces(batch, HQ, MAX_SPLITS, D, indptr.device)
+        plan = plan_decode_splits(dense[0], dense[1], dense[2], indptr, max_kv_splits=MAX_SPLITS)
+        return [("plan", plan)] + [(p, DecodeSplits(sp, MAX_SPLITS, warps, *work)) for p, sp in counts]
 
     for programs, sp in configs():
-        rows.append({**shape, "kernel": "dense", "programs_per_sm": programs, "splits": int(sp[0]), "sparsity": 0.0,
-                     "ms": bench(lambda: decode_attention(*dense, num_kv_splits=sp, max_kv_splits=MAX_SPLITS))})
+        rows.append({**shape, "kernel": "dense", "programs_per_sm": programs, "splits": n_splits(sp), "warps": warps,
+                     "sparsity": 0.0, "ms": bench(lambda: decode_attention(*dense, num_kv_splits=sp, max_kv_splits=MAX_SPLITS))})
     default_sp = default_splits(indptr)
     for target in (0.7, 0.9):
         for sharp in (1.0, 1.6, 2.5):
@@ -116,7 +131,7 @@ def run_shape(batch, ctx, page, split_counts=()):
             ms = bench(lambda: decode_attention(*data, threshold_scale_factor=factor, num_kv_splits=sp,
                                                 max_kv_splits=MAX_SPLITS))
             rows.append({**shape, "kernel": f"skip ~{int(target * 100)}%", "programs_per_sm": programs,
-                         "splits": int(sp[0]), "sparsity": measured(data, factor, sp), "ms": ms, "factor": factor,
+                         "splits": n_splits(sp), "warps": warps, "sparsity": measured(data, factor, sp), "ms": ms, "factor": factor,
                          "data_sharpness": sharp})
     for r in rows:
         r["gbps"] = kv_bytes / (r["ms"] * 1e-3) / 1e9
@@ -125,14 +140,17 @@ def run_shape(batch, ctx, page, split_counts=()):
 
 
 def main():
+    global bench, MAX_SPLITS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results", "experiments"))
     ap.add_argument("--splits", default="1,2,4,8,16", help="fixed split counts to compare with the default")
     ap.add_argument("--shapes", default="", help="BATCHxCTXpPAGE,... (default: the bench's four)")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no host launch cost, as served)")
+    ap.add_argument("--warps", type=int, default=None, help="warps per program for every count (default: the launch's rule)")
+    ap.add_argument("--max-splits", type=int, default=MAX_SPLITS, help="the grid's split dimension")
     args = ap.parse_args()
+    MAX_SPLITS = args.max_splits
     if args.graph:
-        global bench
         bench = bench_graph
     split_counts = [int(p) for p in args.splits.split(",") if p]
     shapes = SHAPES
@@ -142,7 +160,7 @@ def main():
     result = {"env": env_info(), "checks": [check(16), check(4), check(1)], "rows": []}
     print("checks", result["checks"], flush=True)
     for batch, ctx, page in shapes:
-        result["rows"] += run_shape(batch, ctx, page, split_counts)
+        result["rows"] += run_shape(batch, ctx, page, split_counts, args.warps)
         print(f"shape {batch}x{ctx} p{page} done", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_splits.json"), "w") as f:
