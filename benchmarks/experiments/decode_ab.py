@@ -37,10 +37,11 @@ def load_old(path):
     return mod
 
 
-def eight_warps_own_waves(long_tiles=LONG_SPLIT_TILES):
-    """8 warps with the split rule's waves counted in 8-warp programs (two per SM, not three), so
-    its programs make whole 8-warp waves: at 1x128K 64 splits (two waves) instead of 48 (1.45; v17:
-    8 warps ran 0.89-0.93x there under the 4-warp rule), at 16x64K 4 instead of 6. ``long_tiles``:
+def eight_warps_own_waves(mod=gd, long_tiles=LONG_SPLIT_TILES):
+    """``mod``'s kernel (a ``gluon_decode`` module) at 8 warps with the split rule's waves counted
+    in 8-warp programs (two per SM, not three), so its programs make whole 8-warp waves: at 1x128K
+    64 splits (two waves) instead of 48 (1.45; v17: 8 warps ran 0.89-0.93x there under the 4-warp
+    rule), at 16x64K 4 instead of 6. ``long_tiles``:
     the shortest chunk, in tiles, for a second wave (the API's since v19:
     ``gluon_decode.SECOND_WAVE_TILES[8]``, 64). Timing only (marked ``own_splits``: other splits,
     other seeds, other decisions)."""
@@ -53,22 +54,24 @@ def eight_warps_own_waves(long_tiles=LONG_SPLIT_TILES):
                                          long_split_tiles=long_tiles)
 
         own = cache.get((indptr,), make)
-        gd.gluon_decode(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, own, max_splits, *args,
-                        num_warps=8, **kw)
+        mod.gluon_decode(q, k_buffer, v_buffer, out, part_o, part_lse, indptr, indices, own, max_splits, *args,
+                         num_warps=8, **kw)
 
     launch.own_splits = True
     return launch
 
 
 def make_variants(old):
-    """``{name: launch}``: the old copy (its default, 4 warps, named as the baseline), the kernel in
-    ``kernels/`` at its default and at 4 and 8 warps, and 8 warps with waves of 8-warp programs (two
-    waves from 32- or from 64-tile chunks)."""
-    return {OLD: old.gluon_decode, "old, 8 warps": functools.partial(old.gluon_decode, num_warps=8),
+    """``{name: launch}``: the old copy (its default, named as the baseline) and the kernel in
+    ``kernels/``, each at its default launch for given splits, at 4 and 8 warps, and as
+    ``decode_attention`` runs it on its own splits (8 warps, waves of 8-warp programs, a second wave
+    from 64-tile chunks: v19)."""
+    return {OLD: old.gluon_decode, "old, 4 warps": functools.partial(old.gluon_decode, num_warps=4),
+            "old, 8 warps": functools.partial(old.gluon_decode, num_warps=8),
+            "old, own splits": eight_warps_own_waves(old, 64),
             "new": gd.gluon_decode, "new, 4 warps": functools.partial(gd.gluon_decode, num_warps=4),
             "new, 8 warps": functools.partial(gd.gluon_decode, num_warps=8),
-            "new, 8 warps, own waves": eight_warps_own_waves(),
-            "new, 8 warps, own waves, long 64": eight_warps_own_waves(64)}
+            "new, own splits": eight_warps_own_waves(gd, 64)}
 
 
 def main():
