@@ -93,6 +93,8 @@ class BlasstAttnBackend(TritonAttnBackend):
         config: the :class:`BlasstConfig` in use.
         fallbacks: ``Counter`` of kernel calls served by SGLang's dense kernel, by reason.
         counters: :class:`SkipCounters` when ``config.stats_interval > 0``, else ``None``.
+        prefill_hints: :class:`PrefillHints`, each layer's measured prefill sparsity passed to the
+            kernels as their speed hint; ``None`` while prefill is dense.
     """
 
     def __init__(self, model_runner, config: Optional[BlasstConfig] = None, **kwargs):
