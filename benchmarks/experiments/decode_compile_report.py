@@ -73,13 +73,15 @@ def loop_counts(text: str) -> dict:
             "ldgsts": sum("LDGSTS" in op for op in best), "total": len(ins)}
 
 
-def build(mod, warps: int, skip: bool, d: int):
+def build(mod, warps: int, skip: bool, d: int, block_n=None, nk: int = 2):
+    """``mod``'s ``gluon_decode_kernel`` compiled for sm_90 as its launcher specialises it (bf16, int32
+    slots; ``block_n`` default the module's ``BLOCK_N``), at ``mod.MAXNREG``'s cap for ``warps``."""
     kernel = mod.gluon_decode_kernel
     names = list(inspect.signature(kernel.fn).parameters)
     sig = {n: "i32" for n in names}
     sig.update(Q="*bf16", K_buf="*bf16", V_buf="*bf16", kv_indptr="*i32", kv_indices="*i32", num_splits_ptr="*i32",
                scale_ptr="*fp32", stats_ptr="*i32", part_o="*fp32", part_lse="*fp32", sm_scale="fp32")
-    consts = dict(BLOCK_H=mod.BLOCK_H, BLOCK_N=mod.BLOCK_N, HEAD_D=d, NK=2, SKIP=skip, COUNT=False)
+    consts = dict(BLOCK_H=mod.BLOCK_H, BLOCK_N=block_n or mod.BLOCK_N, HEAD_D=d, NK=nk, SKIP=skip, COUNT=False)
     sig.update({k: "constexpr" for k in consts})
     # The runtime's divisibility-16 hints on pointers and strides (what a launch specialises).
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride")}

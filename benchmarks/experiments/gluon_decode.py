@@ -28,7 +28,7 @@ import triton
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
 
-from blasst_kernels.gluon_decode import gluon_decode_kernel, gluon_decode as _launch  # noqa: E402
+from blasst_kernels.gluon_decode import gluon_decode as _launch  # noqa: E402
 import blasst_kernels.gluon_decode as gd  # noqa: E402
 from blasst_kernels.reference import decode_head_blocks  # noqa: E402
 
@@ -47,26 +47,11 @@ def gluon_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, num_splits, max_s
 
 
 def compile_report(configs):
-    import inspect
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from gluon_compile_report import resource_usage  # noqa: E402 (benchmarks/experiments)
+    from decode_compile_report import build  # noqa: E402 (benchmarks/experiments)
+    from gluon_compile_report import resource_usage  # noqa: E402
 
     for bn, nk, skip in configs:
-        sig = {n: "i32" for n in inspect.signature(gluon_decode_kernel.fn).parameters}
-        sig.update(Q="*bf16", K_buf="*bf16", V_buf="*bf16", kv_indptr="*i32", kv_indices="*i32", num_splits_ptr="*i32",
-                   scale_ptr="*fp32", stats_ptr="*i32", part_o="*fp32", part_lse="*fp32", sm_scale="fp32")
-        consts = dict(BLOCK_H=gd.BLOCK_H, BLOCK_N=bn, HEAD_D=128, NK=nk, SKIP=skip, COUNT=False)
-        for k in consts:
-            sig[k] = "constexpr"
-        names = list(inspect.signature(gluon_decode_kernel.fn).parameters)
-        # The runtime's divisibility-16 hints on pointers and strides (what the launch specialises).
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if sig[n].startswith("*") or n.startswith("stride")}
-        src = GluonASTSource(gluon_decode_kernel, sig, constexprs=consts, attrs=attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ck = build(gd, 4, skip, 128, block_n=bn, nk=nk)
         regs, stack, local = resource_usage(ck.asm["cubin"])
         ptx = ck.asm["ptx"]
         occ = min(65536 // (max(regs, 1) * 128), 232448 // max(ck.metadata.shared, 1))
