@@ -271,11 +271,9 @@ def check_decode_plan_graph(dk, dv, group, dtype, gen):
 
     def step():
         plan = plan_decode_splits(q, ctx.k_buffer, ctx.v_buffer, indptr)
-        part_o = torch.empty(3, hq, plan.max_kv_splits, dv, device="cuda")
-        part_lse = torch.empty(3, hq, plan.max_kv_splits, device="cuda")
-        for f, st, out in ((factor, stats, outs[0]), (None, None, outs[1])):
+        for f, st, out in ((factor, stats, outs[0]), (None, None, outs[1])):  # in the plan's workspaces, as served
             decode_attention(q, ctx.k_buffer, ctx.v_buffer, indptr, indices, threshold_scale_factor=f, num_kv_splits=plan,
-                             stats=st, out=out, partial_out=part_o, partial_lse=part_lse)
+                             stats=st, out=out)
         planned[:] = [plan]
 
     set_lens([100, 200, 50])
